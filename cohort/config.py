@@ -1,0 +1,371 @@
+"""Experiment configuration: pydantic models, YAML loading and dotted overrides.
+
+All validation lives here, so a bad config fails before any data loads or actor
+starts, with one line that names the key and what would be valid. Defaults are the
+embedded default run (``python -m cohort.run`` with no arguments); anything that
+differs goes in a small YAML file under configs/ or a ``key=value`` override.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .models import MODELS, model_block_info
+from .pairing import PAIRINGS
+from .registry import suggest
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line naming the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SyntheticConfig(Section):
+    """Shape of the seeded random dataset used by tests (``data.name=synthetic``)."""
+
+    channels: int = Field(1, ge=1)
+    image_size: int = Field(16, ge=4)
+    num_classes: int = Field(10, ge=2)
+    train_size: int = Field(256, ge=1)
+    test_size: int = Field(128, ge=1)
+
+
+class DataConfig(Section):
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"] = "fashion_mnist"
+    root: Path | None = None  # None: the Debian package's folder for fashion_mnist
+    batch_size: int = Field(128, ge=1)
+    train_subset: int | None = Field(20000, ge=1)  # first K images after a seeded shuffle
+    test_subset: int | None = Field(None, ge=1)
+    val_split: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of training images held out
+    download: bool = False
+    augment: bool = True  # random crop with padding + horizontal flip on training batches
+    workers: int = Field(0, ge=0)  # DataLoader workers for image-folder datasets
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+# --------------------------------------------------------------------------- cohort
+
+
+class CohortConfig(Section):
+    size: int = Field(2, ge=2)
+    models: str | list[str] = "resnet20"  # one name for every peer, or one per peer
+    pairing: str = "cyclic"
+    backend: Literal["ray", "local"] = "ray"
+    cpus_per_peer: float = Field(1.0, gt=0)
+    gpus_per_peer: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs
+    transport_dtype: Literal["float32", "bfloat16"] = "float32"
+    max_steps_in_flight: int = Field(2, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: str | list[str]) -> str | list[str]:
+        for name in [models] if isinstance(models, str) else models:
+            if name not in MODELS:
+                raise ValueError(MODELS.unknown_message(name))
+        return models
+
+    @field_validator("pairing")
+    @classmethod
+    def _known_pairing(cls, pairing: str) -> str:
+        if pairing not in PAIRINGS:
+            raise ValueError(PAIRINGS.unknown_message(pairing))
+        return pairing
+
+    @model_validator(mode="after")
+    def _one_model_per_peer(self) -> CohortConfig:
+        if isinstance(self.models, list) and len(self.models) != self.size:
+            raise ValueError(
+                f"cohort.models lists {len(self.models)} models but cohort.size is "
+                f"{self.size}; give one name for all peers or exactly {self.size} names"
+            )
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        """The architecture of each peer, index = peer number."""
+        if isinstance(self.models, str):
+            return [self.models] * self.size
+        return list(self.models)
+
+
+# -------------------------------------------------------------------------- methods
+
+KLDirection = Literal["student_teacher", "teacher_student"]
+
+
+class MethodSection(Section):
+    # True when every peer must have the same number of blocks (block-wise methods).
+    aligns_blocks: ClassVar[bool] = False
+
+
+class VanillaConfig(MethodSection):
+    """Cross-entropy only; peers train independently (the baseline)."""
+
+    name: Literal["vanilla"] = "vanilla"
+
+
+class DMLConfig(MethodSection):
+    """Deep mutual learning: CE + T^2 KL to each teacher's softened prediction."""
+
+    name: Literal["dml"] = "dml"
+    temperature: float = Field(3.0, gt=0)
+    kl_direction: KLDirection = "teacher_student"
+    rampup_epochs: float = Field(1.0, ge=0)  # distillation weight ramps up over these epochs
+
+
+class AMLNConfig(MethodSection):
+    """AMLN (ECCV 2020) section 3; ``kl``/``feature``/``adversarial`` give Table 6's cases."""
+
+    aligns_blocks: ClassVar[bool] = True
+    name: Literal["amln"] = "amln"
+    temperature: float = Field(3.0, gt=0)
+    beta: float = Field(1.0, ge=0)
+    kl: bool = True
+    feature: bool = True
+    adversarial: bool = True
+    kl_direction: KLDirection = "student_teacher"
+    disc_lr: float = Field(1e-3, gt=0)
+    rampup_epochs: float = Field(1.0, ge=0)
+
+
+class AFDConfig(MethodSection):
+    """Online adversarial feature-map distillation (Chung et al., ICML 2020)."""
+
+    name: Literal["afd"] = "afd"
+    temperature: float = Field(3.0, gt=0)
+    kl: bool = True
+    kl_direction: KLDirection = "teacher_student"
+    disc_lr: float = Field(1e-3, gt=0)
+    rampup_epochs: float = Field(1.0, ge=0)
+
+
+MethodConfig = Annotated[VanillaConfig | DMLConfig | AMLNConfig | AFDConfig, Field(discriminator="name")]
+METHOD_CONFIGS: dict[str, type[MethodSection]] = {
+    "vanilla": VanillaConfig,
+    "dml": DMLConfig,
+    "amln": AMLNConfig,
+    "afd": AFDConfig,
+}
+DEFAULT_METHOD = "amln"
+
+
+# ---------------------------------------------------------------------- optim, run
+
+
+class OptimConfig(Section):
+    """The AMLN paper's recipe: SGD, Nesterov momentum 0.9, wd 1e-4, lr 0.1, step decay."""
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+    milestones: list[int] = Field(default_factory=lambda: [2])  # epochs where lr *= gamma
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: list[int]) -> list[int]:
+        if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+            raise ValueError(f"must be strictly increasing epochs >= 1, got {milestones}")
+        return milestones
+
+
+class RunConfig(Section):
+    seed: int = 0
+    out_dir: Path | None = None  # None: runs/<timestamp>-<method>
+    checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints
+    max_failures: int = Field(2, ge=0)  # peer-actor failures survived by rebuilding
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # torch threads in the local backend
+    precise_bn_batches: int = Field(16, ge=0)  # BN stats re-estimated on this many training batches before eval
+
+
+class Config(Section):
+    """A whole experiment. ``Config()`` is the embedded default run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    cohort: CohortConfig = Field(default_factory=CohortConfig)
+    method: MethodConfig = Field(default_factory=AMLNConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method_name(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": DEFAULT_METHOD, **value}
+        return value
+
+    @model_validator(mode="after")
+    def _equal_block_counts(self) -> Config:
+        if not self.method.aligns_blocks:
+            return self
+        counts = {name: len(model_block_info(name)) for name in self.cohort.model_names}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"{n}: {c}" for n, c in counts.items())
+            raise ValueError(
+                f"cohort.models: method '{self.method.name}' aligns peers block by block, "
+                f"so every peer needs the same number of blocks ({listing})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        """The fully resolved config, as written to runs/<name>/config.yaml."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from an optional YAML file plus ``key=value`` overrides.
+
+    Raises ConfigError with a one-line message for any problem.
+    """
+    raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file '{path}'")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, cohort, ...)")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as a YAML scalar/list."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. method.beta=2")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: cannot parse value '{text}'") from None
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe(error)) from None
+
+
+# ---------------------------------------------------------------- error messages
+
+
+NAMES_A_KEY = re.compile(r"^[a-z_]+\.[a-z_.]+\b")
+
+
+def describe(error: ValidationError) -> str:
+    """Turn pydantic's report into one line: the first problem, naming its key."""
+    problems = error.errors()
+    first = problems[0]
+    keys, model = display_location(first["loc"])
+    line = explain(first, keys, model)
+    if len(problems) > 1:
+        line += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    return line
+
+
+def display_location(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Dotted key for a pydantic location (dropping union tags), and the section class
+    that holds its last part (for listing valid sibling keys)."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = Config
+    holder: type[BaseModel] | None = Config
+    index = 0
+    while index < len(loc):
+        part = str(loc[index])
+        parts.append(part)
+        holder = model
+        field = model.model_fields.get(part) if model is not None else None
+        model = None
+        if field is not None:
+            if part == "method" and holder is Config:
+                tag = str(loc[index + 1]) if index + 1 < len(loc) else None
+                if tag in METHOD_CONFIGS:
+                    model = METHOD_CONFIGS[tag]
+                    index += 1  # skip the union tag
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                model = field.annotation
+        index += 1
+    return ".".join(parts), holder
+
+
+def explain(problem: dict[str, Any], key: str, holder: type[BaseModel] | None) -> str:
+    kind, given = problem["type"], problem.get("input")
+    if kind == "extra_forbidden":
+        leaf = key.rsplit(".", 1)[-1]
+        valid = sorted(holder.model_fields) if holder is not None else []
+        section = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        if holder is not None and issubclass(holder, MethodSection):
+            section = f"method '{holder.model_fields['name'].default}'"
+        return f"unknown key '{key}'{suggest(leaf, valid)}; valid keys in {section}: {', '.join(valid)}"
+    if kind == "union_tag_invalid":
+        valid = list(METHOD_CONFIGS)
+        tag = str(problem["ctx"]["tag"])
+        return f"{key}.name: unknown method '{tag}'{suggest(tag, valid)}; valid: {', '.join(valid)}"
+    if kind == "literal_error":
+        expected = problem["ctx"]["expected"]
+        valid = [v.strip(" '") for v in expected.replace(" or ", ", ").split(",")]
+        return f"{key}: '{given}' is not valid{suggest(str(given), valid)}; valid: {', '.join(valid)}"
+    message = problem["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if NAMES_A_KEY.match(message):
+        return message  # a cross-field validator already named its key
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: must be a section of keys, got {given!r}"
+    shown = f" (got {given!r})" if not isinstance(given, dict) and kind != "value_error" else ""
+    return f"{key}: {message[0].lower() + message[1:]}{shown}"
+
+
+__all__ = [
+    "AFDConfig",
+    "AMLNConfig",
+    "CohortConfig",
+    "Config",
+    "ConfigError",
+    "DMLConfig",
+    "DataConfig",
+    "METHOD_CONFIGS",
+    "OptimConfig",
+    "RunConfig",
+    "VanillaConfig",
+    "load_config",
+]

@@ -1,0 +1,49 @@
+"""Shared fixtures: one Ray instance per session, small synthetic configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cohort.config import Config, load_config
+
+os.environ.setdefault("COHORT_PROGRESS", "0")  # no progress bars in test logs
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_INSTALLED = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+
+
+def synthetic_config(tmp_path: Path | None = None, *overrides: str) -> Config:
+    """A tiny, fast cohort on seeded synthetic data (16x16, 1 channel, 10 classes)."""
+    base = [
+        "data.name=synthetic",
+        "data.train_subset=null",
+        "data.batch_size=16",
+        "data.synthetic.train_size=64",
+        "data.synthetic.test_size=32",
+        "cohort.backend=local",
+        "optim.epochs=1",
+        "optim.milestones=[]",
+    ]
+    if tmp_path is not None:
+        base.append(f"run.out_dir={tmp_path / 'run'}")
+    return load_config(None, [*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The session's single Ray instance, sized like this machine (2 CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def fashion_required():
+    if not FASHION_INSTALLED:
+        pytest.fail("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist (the README's test command does)")
