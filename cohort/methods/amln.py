@@ -1,0 +1,82 @@
+"""AMLN: adversarial-based mutual learning (Zhang et al., ECCV 2020, section 3),
+extended from 2 peers to any pairing by keeping one set of extras per teacher.
+
+Per teacher t and block b, the learning peer j owns a discriminator D_j^b (telling
+its own f_j^b from f_t^b) and an alignment container C_j^b (mapping f_j^b onto the
+teacher's final block feature). Its loss is eq. 9:
+    L = L_C + T^2 L_KL  (outcome-driven, eq. 8)  +  L_D + beta L_F  (process-driven, eq. 3)
+``method.kl`` / ``method.feature`` / ``method.adversarial`` switch L_KL, L_F and L_D,
+giving the ablation cases A-E of Table 6.
+
+Choices the paper leaves open (see also functional.py):
+- L_D is eq. 1 as printed: linear in D's probability for "teacher" (no log).
+- The discriminators train after the peer's update, on the same step's features,
+  with Adam (lr ``method.disc_lr``, betas 0.5/0.999, the usual GAN setting).
+- With several teachers (all_pairs) each term is averaged over teachers.
+- KL direction defaults to eq. 7 as printed, KL(rho_j || rho_t); see kl_direction.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import functional as L
+from .base import Method, mean_over_teachers, teacher_key
+from .extras import AlignmentContainer, FeatureDiscriminator
+
+
+class AMLN(Method):
+    publishes = ("logits", "blocks")
+
+    def build_extras(self, own, teachers, num_classes):
+        cfg = self.config
+        discriminators, containers = nn.ModuleDict(), nn.ModuleDict()
+        for index, layout in teachers.items():
+            if cfg.adversarial:
+                discriminators[teacher_key(index)] = nn.ModuleList(
+                    FeatureDiscriminator({mine.channels, theirs.channels}, outputs=2)
+                    for mine, theirs in zip(own, layout, strict=True)
+                )
+            if cfg.feature:
+                containers[teacher_key(index)] = nn.ModuleList(AlignmentContainer(mine, layout[-1]) for mine in own)
+        return nn.ModuleDict({"disc": discriminators, "align": containers})
+
+    def losses(self, output, targets, teachers, extras):
+        cfg = self.config
+        terms = {"ce": L.cross_entropy(output.logits, targets)}  # L_C, eq. 5
+        per_teacher = []
+        for message in teachers:
+            key, these = teacher_key(message.source), {}
+            if cfg.kl:
+                these["kl"] = L.softened_kl(  # T^2 L_KL, eq. 6-8
+                    output.logits, message.logits, cfg.temperature, cfg.kl_direction
+                )
+            if cfg.feature:
+                final = message.blocks[-1]
+                distance = sum(
+                    L.alignment_distance(container(feature, final.shape[-2:]), final)
+                    for container, feature in zip(extras["align"][key], output.blocks)
+                )  # L_F, eq. 2
+                these["feat"] = cfg.beta * distance  # beta L_F, eq. 3
+            if cfg.adversarial:
+                these["adv"] = sum(
+                    L.fooling_loss(disc(feature)) for disc, feature in zip(extras["disc"][key], output.blocks)
+                )  # L_D, peer side of eq. 1 (min over f), summed over blocks
+            per_teacher.append(these)
+        return terms | mean_over_teachers(per_teacher)  # eq. 9
+
+    def critic_parameters(self, extras):
+        return list(extras["disc"].parameters())
+
+    def extras_step(self, output, teachers, extras):
+        if not self.config.adversarial:
+            return {}
+        per_teacher = []
+        for message in teachers:
+            discriminators = extras["disc"][teacher_key(message.source)]
+            loss = sum(
+                L.discriminator_loss(disc(own.detach()), disc(theirs))
+                for disc, own, theirs in zip(discriminators, output.blocks, message.blocks)
+            )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks
+            per_teacher.append({"disc": loss})
+        return mean_over_teachers(per_teacher)

@@ -1,0 +1,136 @@
+"""The method contract: what a peer publishes and which losses it learns from.
+
+A method never sees another peer's parameters, only its detached ``Message``; every
+parameter a loss touches belongs to the learning peer (its network or its extras).
+That invariant is what lets each peer live in its own Ray actor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..models.base import BlockInfo, Output
+
+Blocks = tuple[BlockInfo, ...]
+
+
+@dataclass(frozen=True)
+class Message:
+    """What one peer publishes at one step: detached tensors, nothing else.
+
+    ``source`` is the publishing peer's index; fields a method does not need stay None.
+    """
+
+    source: int
+    step: int
+    logits: Tensor | None = None
+    blocks: tuple[Tensor, ...] | None = None
+    pooled: Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Message:
+        """A copy with every tensor detached, moved and cast (for transport or use)."""
+        return self.map(lambda t: t.detach().to(device=device, dtype=dtype).contiguous())
+
+    def detached(self) -> Message:
+        return self.map(Tensor.detach)
+
+    def map(self, fn) -> Message:
+        return replace(
+            self,
+            logits=None if self.logits is None else fn(self.logits),
+            blocks=None if self.blocks is None else tuple(fn(b) for b in self.blocks),
+            pooled=None if self.pooled is None else fn(self.pooled),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        found: list[Tensor] = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                found.append(value)
+            elif isinstance(value, tuple):
+                found.extend(value)
+        return found
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class Method:
+    """Base of every method. Subclasses set ``publishes`` and implement ``losses``."""
+
+    publishes: ClassVar[tuple[str, ...]] = ("logits",)
+    supervised_terms: ClassVar[frozenset[str]] = frozenset({"ce"})  # never ramped
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def build_extras(self, own: Blocks, teachers: Mapping[int, Blocks], num_classes: int) -> nn.ModuleDict:
+        """The peer's own learnable extras (discriminators, alignment containers),
+        built from block layouts only; ``teachers`` maps every possible teacher's
+        index to its layout."""
+        return nn.ModuleDict()
+
+    def message(self, output: Output, source: int, step: int) -> Message:
+        """Publish only what this method's losses read, detached from the graph."""
+        chosen = {name: getattr(output, name) for name in self.publishes}
+        return Message(source, step, **chosen).detached()
+
+    def losses(
+        self,
+        output: Output,
+        targets: Tensor,
+        teachers: Sequence[Message],
+        extras: nn.ModuleDict,
+    ) -> dict[str, Tensor]:
+        """Every term of the peer's loss by name; the peer optimises their sum."""
+        raise NotImplementedError
+
+    def ramp(self, terms: dict[str, Tensor], epochs_done: float) -> dict[str, Tensor]:
+        """Scale every distillation term by the ramp-up weight at ``epochs_done``
+        (fractional epochs since the start); supervised terms are left alone."""
+        weight = rampup_weight(epochs_done, getattr(self.config, "rampup_epochs", 0.0))
+        if weight == 1.0:
+            return terms
+        return {k: v if k in self.supervised_terms else weight * v for k, v in terms.items()}
+
+    def critic_parameters(self, extras: nn.ModuleDict) -> list[nn.Parameter]:
+        """Extras trained by ``extras_step`` with their own optimizer (discriminators)."""
+        return []
+
+    def extras_step(self, output: Output, teachers: Sequence[Message], extras: nn.ModuleDict) -> dict[str, Tensor]:
+        """Losses of the optional second update, over ``critic_parameters`` only."""
+        return {}
+
+
+def rampup_weight(epochs_done: float, rampup_epochs: float) -> float:
+    """exp(-5 (1 - t)^2) for t = epochs_done / rampup_epochs < 1, else 1.
+
+    The sigmoid-shaped ramp-up of the consistency weight used by the official code of
+    ONE and FFL (Lan et al. 2018, Kim et al. 2019), the online-KD baselines AMLN
+    follows. The AMLN paper does not mention one; without it, the mutual KL and
+    feature terms collapsed peers' final features to zero in the first ~20 steps at
+    lr 0.1 (docs/methods.md).
+    """
+    if rampup_epochs <= 0 or epochs_done >= rampup_epochs:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - epochs_done / rampup_epochs) ** 2)
+
+
+def mean_over_teachers(per_teacher: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Average each named term over teachers (DML's n-peer form)."""
+    if not per_teacher:
+        return {}
+    return {name: torch.stack([terms[name] for terms in per_teacher]).mean() for name in per_teacher[0]}
+
+
+def teacher_key(index: int) -> str:
+    """ModuleDict key of the extras that belong to teacher ``index``."""
+    return f"t{index}"

@@ -1,0 +1,67 @@
+"""Learnable extras shared by the adversarial methods: block discriminators and
+AMLN's alignment containers. They are owned, optimised and checkpointed by the
+peer that builds them."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from ..models.base import BlockInfo
+
+
+class FeatureDiscriminator(nn.Module):
+    """D_j^b (AMLN section 3.2): a 1x1 conv sigma that reduces channels, then three
+    conv layers with ReLU, the last giving ``outputs`` scores after global pooling.
+
+    One sigma per source width, so a peer and a teacher of different widths share
+    the rest of D. Open choices, made here: sigma reduces to half the narrower
+    width (at least 8 channels); the first two body convs are 3x3 with stride 2.
+    """
+
+    def __init__(self, widths: set[int], outputs: int) -> None:
+        super().__init__()
+        reduced = max(8, min(widths) // 2)
+        self.reduce = nn.ModuleDict({str(w): spectral_norm(nn.Conv2d(w, reduced, 1)) for w in sorted(widths)})
+        self.body = nn.Sequential(
+            spectral_norm(nn.Conv2d(reduced, reduced, 3, 2, 1)),
+            nn.ReLU(),
+            spectral_norm(nn.Conv2d(reduced, reduced, 3, 2, 1)),
+            nn.ReLU(),
+            spectral_norm(nn.Conv2d(reduced, outputs, 1)),
+        )
+
+    def forward(self, feature: Tensor) -> Tensor:
+        scores = self.body(self.reduce[str(feature.shape[1])](feature))
+        return scores.mean(dim=(2, 3))
+
+
+class AlignmentContainer(nn.Module):
+    """C_j^b (AMLN eq. 2): depthwise conv then pointwise conv mapping block b of this
+    peer onto the shape of the teacher's final block.
+
+    Between the two convs sits a BatchNorm, as in the usual depthwise-separable block
+    (MobileNet); the map stays linear. Without it the container is a plain linear
+    regressor that SGD at lr 0.1 with momentum 0.9 drove to inf within 200 steps.
+
+    The depthwise conv strides by the ratio of the two blocks' strides with an odd
+    kernel at least that wide, so every input pixel contributes; the output side is
+    ceil(H / ratio), which equals the teacher's final size for every zoo pair (tested).
+    """
+
+    def __init__(self, own: BlockInfo, target: BlockInfo) -> None:
+        super().__init__()
+        ratio = max(1, target.stride // own.stride)
+        kernel = max(3, ratio + 1 if ratio % 2 == 0 else ratio)
+        self.depthwise = nn.Conv2d(
+            own.channels, own.channels, kernel, ratio, kernel // 2, groups=own.channels, bias=False
+        )
+        self.norm = nn.BatchNorm2d(own.channels)
+        self.pointwise = nn.Conv2d(own.channels, target.channels, 1)
+
+    def forward(self, feature: Tensor, target_size: tuple[int, int] | None = None) -> Tensor:
+        out = self.pointwise(self.norm(self.depthwise(feature)))
+        if target_size is not None and tuple(out.shape[-2:]) != tuple(target_size):
+            out = F.adaptive_avg_pool2d(out, target_size)  # only for layouts outside the zoo
+        return out

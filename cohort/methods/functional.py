@@ -1,0 +1,86 @@
+"""Pure loss maths, one function per loss term, each citing its equation.
+
+Equation numbers refer to the AMLN paper (Zhang et al., ECCV 2020, section 3)
+unless marked DML (Zhang et al., CVPR 2018) or AFD (Chung et al., ICML 2020).
+
+Choices the papers leave open, made once here for every method:
+- Reduction: the papers sum over samples; we average over the batch (and, for
+  feature distances, over elements) so loss scales do not depend on batch size.
+- Each function returns the term as it enters the peer's total loss (weights such
+  as T^2 or beta included), so logged values add up to the optimised loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+OWN, TEACHER = 0, 1  # the two classes of an AMLN discriminator (eq. 1)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """L_C: cross-entropy with one-hot labels (eq. 4-5), mean over the batch."""
+    return F.cross_entropy(logits, targets)
+
+
+def softened_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    direction: Literal["student_teacher", "teacher_student"],
+) -> Tensor:
+    """T^2 * L_KL between temperature-softened predictions (eq. 6-8).
+
+    direction "student_teacher" is KL(rho_student || rho_teacher), eq. 7 as printed
+    in the AMLN paper; "teacher_student" is KL(p_teacher || p_student), DML's eq. 2
+    and Hinton et al.'s KD. Sum over classes, mean over the batch ("batchmean").
+    The T^2 factor keeps gradient scale comparable to L_C (eq. 8).
+    """
+    log_student = F.log_softmax(student_logits / temperature, dim=1)  # eq. 6
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)  # eq. 6
+    if direction == "student_teacher":
+        kl = F.kl_div(log_teacher, log_student, log_target=True, reduction="batchmean")  # eq. 7
+    else:
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")  # DML eq. 2
+    return temperature**2 * kl  # eq. 8
+
+
+def alignment_distance(aligned: Tensor, teacher_final: Tensor) -> Tensor:
+    """d(C_j^b(f_j^b), f_t^last) of eq. 2: L2 taken as the mean squared error."""
+    return F.mse_loss(aligned, teacher_final)
+
+
+def teacher_probability(scores: Tensor) -> Tensor:
+    """D(.) of eq. 1: the probability D's two-way output gives to "the teacher's"."""
+    return scores.softmax(dim=1)[:, TEACHER]
+
+
+def discriminator_loss(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """The max-over-D side of eq. 1 for one block, as printed (no logarithm):
+    D maximises E[1 - D(sigma(f_own))] + E[D(sigma(f_teacher))]; we minimise its
+    negation shifted by 2, E[D(own)] + E[1 - D(teacher)], which lies in [0, 2].
+
+    The probability-space form keeps gradients bounded when D is confident, which
+    the log (cross-entropy) GAN form does not; in our runs the log form collapsed
+    peers to chance within an epoch once D learned (docs/benchmarks.md notes).
+    """
+    return teacher_probability(own_scores).mean() + (1 - teacher_probability(teacher_scores)).mean()
+
+
+def fooling_loss(own_scores: Tensor) -> Tensor:
+    """The min-over-f side of eq. 1 for one block: E[1 - D(sigma(f_own))], i.e. the
+    peer makes D take its own feature for the teacher's."""
+    return (1 - teacher_probability(own_scores)).mean()
+
+
+def least_squares_discriminator_loss(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """AFD's discriminator objective (least-squares GAN): the teacher's feature map
+    is real (1), the peer's own is fake (0)."""
+    return (1 - teacher_scores).pow(2).mean() + own_scores.pow(2).mean()
+
+
+def least_squares_generator_loss(own_scores: Tensor) -> Tensor:
+    """AFD's adversarial loss for the peer: make D score its own map as real."""
+    return (1 - own_scores).pow(2).mean()

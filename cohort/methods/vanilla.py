@@ -1,0 +1,13 @@
+"""Vanilla: each peer trains alone on cross-entropy (Table 6 case A, the baseline)."""
+
+from __future__ import annotations
+
+from . import functional as L
+from .base import Method
+
+
+class Vanilla(Method):
+    publishes = ("logits",)  # for the cohort's ensemble only; no peer reads it
+
+    def losses(self, output, targets, teachers, extras):
+        return {"ce": L.cross_entropy(output.logits, targets)}  # eq. 5

@@ -1,0 +1,249 @@
+"""Peer: one network of the cohort with its extras, optimizers, schedule and data.
+
+Pure PyTorch, no Ray: the local backend calls these methods directly and the Ray
+backend wraps the same class as an actor, so both run identical maths. One step is
+two calls, because a peer must publish before anyone can learn from it:
+
+    publish(step) -> Message         forward on the step's batch, keep the graph
+    learn(step, *teacher_messages)   losses, backward, optimizer steps
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import Tensor
+
+from .config import Config, ConfigError
+from .data import load_data, seed_for
+from .methods import Message, build_method
+from .models import create_model, model_block_info
+from .pairing import make_pairing
+
+TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; training cannot meaningfully continue."""
+
+    def __init__(self, peer: int, step: int, term: str, value: float) -> None:
+        super().__init__(f"peer {peer} step {step}: loss term '{term}' is {value}")
+        self.peer, self.step, self.term, self.value = peer, step, term, value
+
+    def __reduce__(self):  # keep the fields when Ray pickles the error
+        return (NonFiniteLossError, (self.peer, self.step, self.term, self.value))
+
+
+def process_accelerator(device: str, precision: str) -> Accelerator:
+    """The process's Accelerator (accelerate keeps one global state per process).
+
+    Peers sharing a process (the local backend) must agree on device and precision.
+    """
+    mixed = {"fp32": "no", "bf16": "bf16"}[precision]
+    if AcceleratorState._shared_state:
+        state = AcceleratorState()
+        if state.mixed_precision != mixed:
+            raise ConfigError(
+                f"run.precision: this process already trains at '{state.mixed_precision}'; "
+                "peers in one process must share a precision (use a new process or the ray backend)"
+            )
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed)
+
+
+class Peer:
+    """Peer ``index`` of the cohort that ``config`` describes."""
+
+    def __init__(self, index: int, config: Config, threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.index, self.config = index, config
+        self.size = config.cohort.size
+        self.accelerator = process_accelerator(config.run.device, config.run.precision)
+        self.device = self.accelerator.device
+        self.transport_dtype = TRANSPORT_DTYPES[config.cohort.transport_dtype]
+        self.data = load_data(config.data, config.run.seed)
+        self.method = build_method(config.method)
+        self.pairing = make_pairing(config.cohort.pairing, config.run.seed)
+        names = config.cohort.model_names
+        teachers = {t: model_block_info(names[t]) for t in self.pairing.possible_teachers(index, self.size)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_for(config.run.seed, "init", index))  # peers start apart
+            self.model = create_model(names[index], self.data.info.num_classes, self.data.info.channels)
+            self.extras = self.method.build_extras(self.model.block_info, teachers, self.data.info.num_classes)
+        self.model.to(self.device)
+        self.extras.to(self.device)
+        self._build_optimizers()
+        self._pending: tuple[int, Any, Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_optimizers(self) -> None:
+        optim = self.config.optim
+        critic = self.method.critic_parameters(self.extras)
+        critic_ids = {id(p) for p in critic}
+        learner = list(self.model.parameters()) + [p for p in self.extras.parameters() if id(p) not in critic_ids]
+        self.optimizer = torch.optim.SGD(
+            learner,
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=optim.nesterov and optim.momentum > 0,
+            weight_decay=optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
+        self.critic_params = critic
+        self.critic_optimizer = (
+            torch.optim.Adam(critic, lr=self.config.method.disc_lr, betas=(0.5, 0.999)) if critic else None
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Facts the driver needs once: schedule length, data shape, where it runs."""
+        info = self.data.info
+        return {
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "steps_per_epoch": self.data.plan.steps_per_epoch,
+            "train_size": len(self.data.train),
+            "has_val": self.data.val is not None,
+            "num_classes": info.num_classes,
+            "in_channels": info.channels,
+            "image_size": info.image_size,
+            "mean": info.mean,
+            "std": info.std,
+        }
+
+    # ----------------------------------------------------------------- one step
+
+    def publish(self, step: int) -> Message:
+        """Forward this step's batch, keep the graph for ``learn``, return the message."""
+        self.model.train()
+        self.extras.train()
+        x, y = self.data.train_batch(step)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.accelerator.autocast():
+            output = self.model(x)
+        self._pending = (step, output, y)
+        return self.method.message(output, self.index, step).to("cpu", self.transport_dtype)
+
+    def learn(self, step: int, *teacher_messages: Message) -> dict[str, float]:
+        """Update from this step's teachers; returns every loss term and train top-1."""
+        if self._pending is None or self._pending[0] != step:
+            raise RuntimeError(f"peer {self.index}: learn({step}) without publish({step}) first")
+        _, output, targets = self._pending
+        self._pending = None
+        self._check_teachers(step, teacher_messages)
+        teachers = [m.to(self.device, torch.float32) for m in teacher_messages]
+
+        for p in self.critic_params:  # the peer's loss must not train its critics
+            p.requires_grad_(False)
+        with self.accelerator.autocast():
+            terms = self.method.losses(output, targets, teachers, self.extras)
+        terms = self.method.ramp(terms, (step + 1) / self.data.plan.steps_per_epoch)
+        total = sum(terms.values())
+        logged = self._finite_floats(step, terms | {"loss": total})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(total)
+        self.optimizer.step()
+        for p in self.critic_params:
+            p.requires_grad_(True)
+
+        if self.critic_optimizer is not None:
+            with self.accelerator.autocast():
+                critic_terms = self.method.extras_step(output, teachers, self.extras)
+            if critic_terms:
+                logged |= self._finite_floats(step, critic_terms)
+                self.critic_optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(sum(critic_terms.values()))
+                self.critic_optimizer.step()
+        logged["top1"] = float((output.logits.argmax(1) == targets).float().mean())
+        return logged
+
+    def _check_teachers(self, step: int, messages: tuple[Message, ...]) -> None:
+        epoch, _ = self.data.plan.locate(step)
+        expected = self.pairing.teachers(self.index, self.size, epoch)
+        got = tuple(m.source for m in messages)
+        if got != expected or any(m.step != step for m in messages):
+            raise RuntimeError(
+                f"peer {self.index} step {step}: expected messages from peers {expected} "
+                f"at step {step}, got {[(m.source, m.step) for m in messages]}"
+            )
+
+    def _finite_floats(self, step: int, terms: dict[str, Tensor]) -> dict[str, float]:
+        """Loss values as floats (one device sync); raises on NaN or inf."""
+        values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
+        for name, number in zip(terms, values):
+            if not math.isfinite(number):
+                raise NonFiniteLossError(self.index, step, name, number)
+        return dict(zip(terms, values))
+
+    def finish_epoch(self, epoch: int) -> None:
+        """End of (0-based) ``epoch``: re-estimate BN statistics, advance the schedule.
+
+        BatchNorm's running averages lag behind weights that move fast (early
+        training, and AMLN's adversarial term, which peers partly satisfy through
+        batch statistics). "Precise BN" (Wu & Johnson 2021) recomputes them at the
+        current weights from the epoch's last ``run.precise_bn_batches`` training
+        batches; training itself never reads them, so the trajectory is unchanged.
+        """
+        count = min(self.config.run.precise_bn_batches, self.data.plan.steps_per_epoch)
+        if count:
+            end = (epoch + 1) * self.data.plan.steps_per_epoch
+            batches = (self.data.train_batch(step)[0].to(self.device) for step in range(end - count, end))
+            with torch.no_grad(), self.accelerator.autocast():
+                torch.optim.swa_utils.update_bn(batches, self.model)
+        self.scheduler.step()
+
+    # --------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test") -> tuple[dict[str, float], Tensor, Tensor]:
+        """Top-1, top-5 and loss on a held-out split, plus the class probabilities and
+        labels (for the cohort's ensemble accuracy)."""
+        self.model.eval()
+        probabilities, labels, loss_sum = [], [], 0.0
+        for x, y in self.data.eval_split(split).eval_batches():
+            x, y = x.to(self.device), y.to(self.device)
+            with self.accelerator.autocast():
+                logits = self.model(x).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            probabilities.append(logits.softmax(1).cpu())
+            labels.append(y.cpu())
+        probs, targets = torch.cat(probabilities), torch.cat(labels)
+        metrics = topk_accuracy(probs, targets) | {"loss": loss_sum / len(targets)}
+        return metrics, probs, targets
+
+    # ------------------------------------------------------------------- state
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue bit-exactly: weights, optimizers, schedule, RNG."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "extras": {k: v.detach().cpu() for k, v in self.extras.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "critic_optimizer": None if self.critic_optimizer is None else self.critic_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.extras.load_state_dict(state["extras"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self._pending = None
+
+
+def topk_accuracy(probabilities: Tensor, targets: Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (top-k capped at the number of classes)."""
+    k = min(5, probabilities.shape[1])
+    top = probabilities.topk(k, dim=1).indices
+    hits = top == targets.unsqueeze(1)
+    return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(1).float().mean())}

@@ -1,0 +1,244 @@
+"""The distillation methods: golden values, invariants, every method x pairing x N."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+from cohort.config import load_config
+from cohort.methods import Message, build_method, list_methods
+from cohort.methods import functional as L
+from cohort.methods.base import rampup_weight
+from cohort.methods.extras import AlignmentContainer, FeatureDiscriminator
+from cohort.models import list_models, model_block_info
+from cohort.models.base import Output
+from cohort.pairing import list_pairings
+from cohort.peer import Peer
+
+from conftest import REPO, synthetic_config
+
+GOLDEN = REPO / "tests" / "golden" / "losses.json"
+METHOD_VARIANTS = {
+    "vanilla": ["method.name=vanilla"],
+    "dml": ["method.name=dml"],
+    "dml_student_teacher": ["method.name=dml", "method.kl_direction=student_teacher"],
+    "amln": ["method.name=amln"],
+    "amln_case_c": ["method.name=amln", "method.adversarial=false"],
+    "amln_case_d": ["method.name=amln", "method.feature=false"],
+    "amln_beta_2": ["method.name=amln", "method.beta=2"],
+    "afd": ["method.name=afd"],
+}
+
+
+def fixed_inputs(seed: int = 0):
+    """A peer's output and one teacher's message with resnet20's block layout."""
+    g = torch.Generator().manual_seed(seed)
+    layout = model_block_info("resnet20")
+
+    def output():
+        blocks = tuple(torch.randn(4, b.channels, 16 // b.stride, 16 // b.stride, generator=g).relu() for b in layout)
+        return Output(torch.randn(4, 10, generator=g) * 2, blocks, blocks[-1].mean((2, 3)))
+
+    own, theirs = output(), output()
+    targets = torch.randint(10, (4,), generator=g)
+    return layout, own, Message(source=1, step=0, logits=theirs.logits, blocks=theirs.blocks), targets
+
+
+def compute_terms(overrides: list[str]) -> dict[str, float]:
+    method = build_method(load_config(None, overrides).method)
+    layout, own, message, targets = fixed_inputs()
+    torch.manual_seed(0)
+    extras = method.build_extras(layout, {1: layout}, 10)
+    message = method.message(Output(message.logits, message.blocks, message.blocks[-1]), 1, 0)
+    terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
+    return {k: float(v) for k, v in terms.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(METHOD_VARIANTS))
+def test_loss_terms_match_golden_values(variant):
+    got = compute_terms(METHOD_VARIANTS[variant])
+    if os.environ.get("COHORT_UPDATE_GOLDEN"):
+        stored = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        GOLDEN.write_text(json.dumps(stored | {variant: got}, indent=2, sort_keys=True) + "\n")
+    expected = json.loads(GOLDEN.read_text())[variant]
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
+
+
+def test_golden_file_covers_every_method():
+    stored = json.loads(GOLDEN.read_text())
+    assert {v.split("_")[0] for v in stored} >= set(list_methods())
+
+
+def test_ablation_switches_select_terms():
+    assert set(compute_terms(["method.name=amln"])) == {"ce", "kl", "feat", "adv", "disc"}
+    assert set(compute_terms(["method.name=amln", "method.adversarial=false"])) == {"ce", "kl", "feat"}
+    assert set(compute_terms(["method.name=amln", "method.feature=false"])) == {"ce", "kl", "adv", "disc"}
+    off = ["method.name=amln", "method.kl=false", "method.feature=false", "method.adversarial=false"]
+    assert set(compute_terms(off)) == {"ce"}  # Table 6 case A
+
+
+def test_beta_scales_only_the_feature_term():
+    one, two = compute_terms(["method.beta=1"]), compute_terms(["method.beta=2"])
+    assert two["feat"] == pytest.approx(2 * one["feat"])
+    assert two["kl"] == pytest.approx(one["kl"]) and two["adv"] == pytest.approx(one["adv"])
+
+
+@pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
+def test_kl_is_zero_for_identical_peers(direction):
+    logits = torch.randn(8, 10)
+    assert float(L.softened_kl(logits, logits.clone(), 3.0, direction)) == pytest.approx(0.0, abs=1e-6)
+    assert float(L.softened_kl(logits, logits.flip(0), 3.0, direction)) > 0.01
+
+
+def test_kl_directions_match_their_formulas():
+    s, t, T = torch.randn(5, 7), torch.randn(5, 7), 3.0
+    ps, pt = (s / T).softmax(1), (t / T).softmax(1)
+    forward = (pt * (pt.log() - ps.log())).sum(1).mean() * T**2  # KL(teacher || student)
+    reverse = (ps * (ps.log() - pt.log())).sum(1).mean() * T**2  # KL(student || teacher), AMLN eq. 7
+    assert float(L.softened_kl(s, t, T, "teacher_student")) == pytest.approx(float(forward), rel=1e-5)
+    assert float(L.softened_kl(s, t, T, "student_teacher")) == pytest.approx(float(reverse), rel=1e-5)
+
+
+def test_discriminator_separates_two_feature_distributions():
+    torch.manual_seed(0)
+    disc = FeatureDiscriminator({16}, outputs=2)
+    optimizer = torch.optim.Adam(disc.parameters(), lr=1e-3)
+
+    def sample(n):
+        own = torch.randn(n, 16, 8, 8)
+        teacher = torch.randn(n, 16, 8, 8) * 0.5 + 1.0
+        return own, teacher
+
+    for _ in range(150):
+        own, teacher = sample(32)
+        loss = L.discriminator_loss(disc(own), disc(teacher))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    own, teacher = sample(200)
+    with torch.no_grad():
+        correct = (L.teacher_probability(disc(own)) < 0.5).sum() + (L.teacher_probability(disc(teacher)) > 0.5).sum()
+    assert float(correct) / 400 > 0.9
+
+
+def test_discriminator_takes_both_widths_of_a_heterogeneous_pair():
+    disc = FeatureDiscriminator({16, 32}, outputs=2)
+    assert disc(torch.randn(2, 16, 8, 8)).shape == disc(torch.randn(2, 32, 8, 8)).shape == (2, 2)
+
+
+EQUAL_BLOCK_PAIRS = [
+    (a, b)
+    for a, b in itertools.product(list_models(), repeat=2)
+    if len(model_block_info(a)) == len(model_block_info(b))
+]
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_alignment_container_reaches_the_teachers_final_shape(size):
+    for own_name, teacher_name in EQUAL_BLOCK_PAIRS:
+        target = model_block_info(teacher_name)[-1]
+        side = target.spatial_size(size)
+        for block in model_block_info(own_name):
+            container = AlignmentContainer(block, target)
+            own_side = block.spatial_size(size)
+            out = container(torch.zeros(2, block.channels, own_side, own_side))  # no pooling fallback
+            assert out.shape == (2, target.channels, side, side), (own_name, teacher_name, block)
+
+
+def test_messages_publish_only_what_the_method_reads():
+    layout, own, _, _ = fixed_inputs()
+    dml = build_method(load_config(None, ["method.name=dml"]).method).message(own, 0, 0)
+    afd = build_method(load_config(None, ["method.name=afd"]).method).message(own, 0, 0)
+    amln = build_method(load_config(None, ["method.name=amln"]).method).message(own, 0, 0)
+    assert dml.blocks is None and dml.logits is not None
+    assert len(afd.blocks) == 1 and afd.blocks[0].shape == own.blocks[-1].shape
+    assert len(amln.blocks) == 3
+
+
+def test_rampup_weight():
+    assert rampup_weight(0.0, 1.0) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
+    assert rampup_weight(0.5, 1.0) < rampup_weight(0.9, 1.0) < 1.0
+    assert rampup_weight(1.0, 1.0) == rampup_weight(7.0, 1.0) == rampup_weight(0.0, 0.0) == 1.0
+    method = build_method(load_config(None, ["method.name=dml"]).method)
+    terms = {"ce": torch.tensor(2.0), "kl": torch.tensor(2.0)}
+    ramped = method.ramp(terms, 0.5)
+    assert float(ramped["ce"]) == 2.0 and float(ramped["kl"]) == pytest.approx(2.0 * rampup_weight(0.5, 1.0))
+
+
+# ---------------------------------------------------------------- peers in a cohort
+
+
+def run_steps(config, steps: int = 2) -> list[dict[str, float]]:
+    n = config.cohort.size
+    peers = [Peer(j, config) for j in range(n)]
+    results = []
+    for step in range(steps):
+        epoch, _ = peers[0].data.plan.locate(step)
+        messages = [p.publish(step) for p in peers]
+        results = [p.learn(step, *[messages[t] for t in p.pairing.teachers(p.index, n, epoch)]) for p in peers]
+    return results
+
+
+COMBINATIONS = list(itertools.product(list_methods(), list_pairings(), [2, 3]))
+
+
+@pytest.mark.parametrize("method,pairing,size", COMBINATIONS, ids=["-".join(map(str, c)) for c in COMBINATIONS])
+def test_every_method_pairing_and_size_trains_with_finite_losses(method, pairing, size):
+    config = synthetic_config(None, f"method.name={method}", f"cohort.pairing={pairing}", f"cohort.size={size}")
+    results = run_steps(config)
+    assert len(results) == size
+    for terms in results:
+        assert "ce" in terms and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+
+
+@pytest.mark.parametrize("method", ["amln", "afd", "dml"])
+def test_heterogeneous_cohort(method):
+    models = "cohort.models=[resnet20,wrn_16_1,resnet32]"
+    config = synthetic_config(None, f"method.name={method}", "cohort.size=3", models)
+    assert all(torch.isfinite(torch.tensor(list(t.values()))).all() for t in run_steps(config))
+
+
+@pytest.mark.parametrize("method", ["afd", "dml"])
+def test_methods_without_block_alignment_accept_different_block_counts(method):
+    config = synthetic_config(None, f"method.name={method}", "cohort.models=[resnet20,resnet18]")
+    assert len(run_steps(config, steps=1)) == 2
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_learning_touches_no_other_peer(method):
+    config = synthetic_config(None, f"method.name={method}", "cohort.size=3")
+    peers = [Peer(j, config) for j in range(3)]
+    messages = [p.publish(0) for p in peers]
+    for message in messages:
+        assert all(not t.requires_grad and t.grad_fn is None for t in message.tensors())
+    before = [{k: v.clone() for k, v in p.model.state_dict().items()} for p in peers]
+    extras_before = [{k: v.clone() for k, v in p.extras.state_dict().items()} for p in peers]
+    peers[0].learn(0, *[messages[t] for t in peers[0].pairing.teachers(0, 3, 0)])
+    for j in (1, 2):
+        assert all(p.grad is None for p in peers[j].model.parameters())
+        assert all(p.grad is None for p in peers[j].extras.parameters())
+        assert all(torch.equal(v, before[j][k]) for k, v in peers[j].model.state_dict().items())
+        assert all(torch.equal(v, extras_before[j][k]) for k, v in peers[j].extras.state_dict().items())
+    changed = any(not torch.equal(v, before[0][k]) for k, v in peers[0].model.state_dict().items())
+    assert changed
+
+
+def test_learn_rejects_messages_from_the_wrong_teacher():
+    config = synthetic_config(None, "cohort.size=3")
+    peers = [Peer(j, config) for j in range(3)]
+    messages = [p.publish(0) for p in peers]
+    with pytest.raises(RuntimeError, match="expected messages from peers"):
+        peers[0].learn(0, messages[2])  # cyclic: peer 0 learns from peer 1
+
+
+def test_peers_start_from_different_weights():
+    config = synthetic_config(None)
+    a, b = Peer(0, config), Peer(1, config)
+    assert not torch.equal(next(a.model.parameters()), next(b.model.parameters()))
+    assert torch.equal(next(a.model.parameters()), next(Peer(0, config).model.parameters()))
