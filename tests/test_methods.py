@@ -55,7 +55,7 @@ def compute_terms(overrides: list[str]) -> dict[str, float]:
     extras = method.build_extras(layout, {1: layout}, 10)
     message = method.message(Output(message.logits, message.blocks, message.blocks[-1]), 1, 0)
     terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
-    return {k: float(v) for k, v in terms.items()}
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 @pytest.mark.parametrize("variant", sorted(METHOD_VARIANTS))

@@ -60,7 +60,6 @@ class AFD(Method):
         per_teacher = []
         for message in teachers:
             disc = extras["disc"][teacher_key(message.source)]
-            own = torch.sigmoid(disc(output.blocks[-1].detach()))
-            theirs = torch.sigmoid(disc(message.blocks[-1]))
-            per_teacher.append({"disc": L.least_squares_discriminator_loss(own, theirs)})
+            own, theirs = disc.score_pair(output.blocks[-1].detach(), message.blocks[-1])
+            per_teacher.append({"disc": L.least_squares_discriminator_loss(torch.sigmoid(own), torch.sigmoid(theirs))})
         return mean_over_teachers(per_teacher)

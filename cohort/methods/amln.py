@@ -75,7 +75,7 @@ class AMLN(Method):
         for message in teachers:
             discriminators = extras["disc"][teacher_key(message.source)]
             loss = sum(
-                L.discriminator_loss(disc(own.detach()), disc(theirs))
+                L.discriminator_loss(*disc.score_pair(own.detach(), theirs))
                 for disc, own, theirs in zip(discriminators, output.blocks, message.blocks)
             )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks
             per_teacher.append({"disc": loss})

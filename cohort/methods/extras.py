@@ -4,9 +4,9 @@ peer that builds them."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from ..models.base import BlockInfo
 
@@ -16,25 +16,36 @@ class FeatureDiscriminator(nn.Module):
     conv layers with ReLU, the last giving ``outputs`` scores after global pooling.
 
     One sigma per source width, so a peer and a teacher of different widths share
-    the rest of D. Open choices, made here: sigma reduces to half the narrower
-    width (at least 8 channels); the first two body convs are 3x3 with stride 2.
+    the rest of D. Open choices, made here: sigma reduces to half the narrower width
+    (at least 8 channels); the first two body convs are 3x3 with stride 2; no
+    normalisation layers (D judges each sample alone; spectral norm did not help).
     """
 
     def __init__(self, widths: set[int], outputs: int) -> None:
         super().__init__()
         reduced = max(8, min(widths) // 2)
-        self.reduce = nn.ModuleDict({str(w): spectral_norm(nn.Conv2d(w, reduced, 1)) for w in sorted(widths)})
+        self.reduce = nn.ModuleDict({str(w): nn.Conv2d(w, reduced, 1) for w in sorted(widths)})
         self.body = nn.Sequential(
-            spectral_norm(nn.Conv2d(reduced, reduced, 3, 2, 1)),
+            nn.Conv2d(reduced, reduced, 3, 2, 1),
             nn.ReLU(),
-            spectral_norm(nn.Conv2d(reduced, reduced, 3, 2, 1)),
+            nn.Conv2d(reduced, reduced, 3, 2, 1),
             nn.ReLU(),
-            spectral_norm(nn.Conv2d(reduced, outputs, 1)),
+            nn.Conv2d(reduced, outputs, 1),
         )
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, feature: Tensor) -> Tensor:
+        # channels-last: these narrow convs' weight gradients run ~5x faster on CPU
+        feature = feature.contiguous(memory_format=torch.channels_last)
         scores = self.body(self.reduce[str(feature.shape[1])](feature))
         return scores.mean(dim=(2, 3))
+
+    def score_pair(self, own: Tensor, theirs: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores of both sides; one batched pass when their shapes agree (faster)."""
+        if own.shape[1:] != theirs.shape[1:]:
+            return self(own), self(theirs)
+        scores = self(torch.cat([own, theirs]))
+        return scores[: len(own)], scores[len(own) :]
 
 
 class AlignmentContainer(nn.Module):
