@@ -15,7 +15,8 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,16 +113,24 @@ class RayBackend:
         ray = self._ray
         try:
             return ray.get(handles)
-        except NonFiniteLossError:
-            raise
-        except ray.exceptions.RayTaskError as error:
-            cause = error.cause if hasattr(error, "cause") else error
+        except ray.exceptions.RayError:
+            errors = []
+            for handle in handles:  # fetch every one, so no failed result goes unhandled
+                try:
+                    ray.get(handle)
+                except ray.exceptions.RayError as error:
+                    errors.append(self._translate(error))
+            raise root_cause(errors) from None
+
+    def _translate(self, error: Exception) -> Exception:
+        ray = self._ray
+        if isinstance(error, ray.exceptions.RayTaskError):
+            cause = getattr(error, "cause", None) or error
             if isinstance(cause, NonFiniteLossError):
-                raise cause from None
+                return cause
             first_line = str(cause).splitlines()[0] if str(cause) else ""
-            raise PeerFailure(f"a peer raised {type(cause).__name__}: {first_line}") from error
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
-            raise PeerFailure(f"a peer actor died ({type(error).__name__})") from error
+            return PeerFailure(f"a peer raised {type(cause).__name__}: {first_line}")
+        return PeerFailure(f"a peer actor died ({type(error).__name__})")
 
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):
@@ -130,6 +139,14 @@ class RayBackend:
         if getattr(self, "group", None) is not None:
             self._remove_pg(self.group)
             self.group = None
+
+
+def root_cause(errors: list[Exception]) -> Exception:
+    """The error to report from one step's failures: a peer whose own loss went
+    non-finite before one that only read a non-finite teacher, before the rest."""
+    non_finite = [e for e in errors if isinstance(e, NonFiniteLossError)]
+    origins = [e for e in non_finite if not e.bad_teachers]
+    return (origins or non_finite or errors)[0]
 
 
 def check_resources(config: Config, total: dict[str, float], nodes: list[dict[str, float]]) -> tuple[float, float]:
@@ -185,11 +202,11 @@ class Cohort:
 
     def fit(self, resume: bool = False) -> RunResult:
         """Train until ``optim.epochs``, surviving up to ``run.max_failures`` peer failures."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_text(self.run_dir / "config.yaml", self.config.to_yaml())
-        self.backend = BACKENDS[self.config.cohort.backend](self.config)
+        self.backend = BACKENDS[self.config.cohort.backend](self.config)  # fails before any file is written
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                write_text(self.run_dir / "config.yaml", self.config.to_yaml())
             self.describe = self.backend.get([self.backend.call(0, "describe")])[0]
             epoch = self.restore() if resume else 0
             while epoch < self.config.optim.epochs:
@@ -249,7 +266,7 @@ class Cohort:
             leave=False,
             disable=os.environ.get("COHORT_PROGRESS", "1") == "0",
         )
-        with progress:
+        with progress, self._drained_on_error(in_flight):
             for step in range(epoch * spe, (epoch + 1) * spe):
                 published = [backend.call(j, "publish", step) for j in range(self.size)]
                 in_flight.append(
@@ -264,6 +281,21 @@ class Cohort:
                 self._collect(backend.get(in_flight.popleft()), sums, progress)
         backend.get([backend.call(j, "finish_epoch", epoch) for j in range(self.size)])
         self.record_epoch(epoch + 1, [{k: v / spe for k, v in s.items()} for s in sums])
+
+    @contextmanager
+    def _drained_on_error(self, in_flight: deque[list[Any]]) -> Iterator[None]:
+        """On a failed step, wait out the steps still in flight and drop their
+        errors, so the first failure is the one reported (and Ray logs no
+        "unhandled error" for the rest)."""
+        try:
+            yield
+        except BaseException:
+            for handles in in_flight:
+                for handle in handles:
+                    with suppress(Exception):
+                        self.backend.get([handle])
+            in_flight.clear()
+            raise
 
     def _collect(self, results: list[dict[str, float]], sums: list[dict[str, float]], progress) -> None:
         for j, terms in enumerate(results):

@@ -31,12 +31,13 @@ TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; training cannot meaningfully continue."""
 
-    def __init__(self, peer: int, step: int, term: str, value: float) -> None:
-        super().__init__(f"peer {peer} step {step}: loss term '{term}' is {value}")
-        self.peer, self.step, self.term, self.value = peer, step, term, value
+    def __init__(self, peer: int, step: int, term: str, value: float, bad_teachers: tuple[int, ...] = ()) -> None:
+        cause = f" (the message from peer {', '.join(map(str, bad_teachers))} is already non-finite)"
+        super().__init__(f"peer {peer} step {step}: loss term '{term}' is {value}" + (cause if bad_teachers else ""))
+        self.peer, self.step, self.term, self.value, self.bad_teachers = peer, step, term, value, bad_teachers
 
     def __reduce__(self):  # keep the fields when Ray pickles the error
-        return (NonFiniteLossError, (self.peer, self.step, self.term, self.value))
+        return (NonFiniteLossError, (self.peer, self.step, self.term, self.value, self.bad_teachers))
 
 
 def process_accelerator(device: str, precision: str) -> Accelerator:
@@ -145,7 +146,7 @@ class Peer:
             terms = self.method.losses(output, targets, teachers, self.extras)
         terms = self.method.ramp(terms, (step + 1) / self.data.plan.steps_per_epoch)
         total = sum(terms.values())
-        logged = self._finite_floats(step, terms | {"loss": total})
+        logged = self._finite_floats(step, terms | {"loss": total}, teachers)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(total)
         self.optimizer.step()
@@ -156,7 +157,7 @@ class Peer:
             with self.accelerator.autocast():
                 critic_terms = self.method.extras_step(output, teachers, self.extras)
             if critic_terms:
-                logged |= self._finite_floats(step, critic_terms)
+                logged |= self._finite_floats(step, critic_terms, teachers)
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(sum(critic_terms.values()))
                 self.critic_optimizer.step()
@@ -173,12 +174,14 @@ class Peer:
                 f"at step {step}, got {[(m.source, m.step) for m in messages]}"
             )
 
-    def _finite_floats(self, step: int, terms: dict[str, Tensor]) -> dict[str, float]:
-        """Loss values as floats (one device sync); raises on NaN or inf."""
+    def _finite_floats(self, step: int, terms: dict[str, Tensor], teachers: list[Message]) -> dict[str, float]:
+        """Loss values as floats (one device sync); raises on NaN or inf, naming the
+        teachers whose messages were already non-finite (the peer to look at)."""
         values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
         for name, number in zip(terms, values):
             if not math.isfinite(number):
-                raise NonFiniteLossError(self.index, step, name, number)
+                bad = tuple(m.source for m in teachers if not all(t.isfinite().all() for t in m.tensors()))
+                raise NonFiniteLossError(self.index, step, name, number, bad)
         return dict(zip(terms, values))
 
     def finish_epoch(self, epoch: int) -> None:

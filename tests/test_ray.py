@@ -1,0 +1,145 @@
+"""The Ray backend: same maths as the local one, resources, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from cohort.checkpoint import latest_checkpoint, load_checkpoint
+from cohort.config import ConfigError
+from cohort.coordinator import Cohort, prepare_run_dir, train
+
+from conftest import synthetic_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def one_thread():
+    """Peers of the local backend set this process's torch threads; put them back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def final_weights(run_dir) -> list[dict[str, torch.Tensor]]:
+    states, _ = load_checkpoint(latest_checkpoint(run_dir))
+    return [state["model"] | {f"extras.{k}": v for k, v in state["extras"].items()} for state in states]
+
+
+def assert_same_weights(a, b, atol: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    for peer_a, peer_b in zip(a, b):
+        assert peer_a.keys() == peer_b.keys()
+        for name in peer_a:
+            torch.testing.assert_close(peer_a[name], peer_b[name], rtol=0, atol=atol, msg=name)
+
+
+def alive_actors() -> list:
+    import ray
+
+    return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+@pytest.mark.usefixtures("ray_session", "one_thread")
+@pytest.mark.parametrize("method", ["dml", "amln"])
+@pytest.mark.parametrize("size", [2, 3])
+def test_ray_backend_matches_local_backend(method, size, tmp_path):
+    common = [
+        f"method.name={method}",
+        f"cohort.size={size}",
+        "cohort.cpus_per_peer=0.5",  # 3 peers fit on 2 CPUs; still one torch thread each
+        "run.threads=1",
+        "optim.epochs=2",
+        "optim.milestones=[1]",
+    ]
+    train(synthetic_config(tmp_path / "local", *common, "cohort.backend=local"), log=quiet)
+    train(synthetic_config(tmp_path / "ray", *common, "cohort.backend=ray"), log=quiet)
+    local, remote = final_weights(tmp_path / "local" / "run"), final_weights(tmp_path / "ray" / "run")
+    assert_same_weights(local, remote)
+    assert not all(torch.equal(local[0][k], local[1][k]) for k in local[0] if k.startswith("fc"))  # peers differ
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_cohort_too_big_for_the_cluster_fails_at_once_without_actors(tmp_path):
+    config = synthetic_config(tmp_path, "cohort.backend=ray", "cohort.size=5", "cohort.cpus_per_peer=1")
+    with pytest.raises(ConfigError, match=r"5 peers x 1 CPU = 5 CPUs, but the Ray cluster has 2"):
+        train(config, log=quiet)
+    assert alive_actors() == []
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_more_gpus_than_the_cluster_has_is_a_clear_error(tmp_path):
+    config = synthetic_config(tmp_path, "cohort.backend=ray", "cohort.gpus_per_peer=1")
+    with pytest.raises(ConfigError, match=r"cohort.gpus_per_peer: 2 peers x 1 GPU = 2 GPUs, but the Ray cluster has 0"):
+        train(config, log=quiet)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_killed_peer_is_rebuilt_from_the_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
+    options = ["cohort.backend=ray", "optim.epochs=3", "optim.milestones=[2]", "method.name=amln"]
+    train(synthetic_config(tmp_path / "clean", *options), log=quiet)
+
+    config = synthetic_config(tmp_path / "killed", *options)
+    lines: list[str] = []
+    cohort = Cohort(config, prepare_run_dir(config, resume=False), log=lines.append)
+    killed: list[int] = []
+
+    def kill_peer_one_mid_epoch_two(step: int) -> None:
+        steps_per_epoch = cohort.describe["steps_per_epoch"]
+        if not killed and step == steps_per_epoch + 1:  # epoch 2, second step
+            pid = cohort.backend.get([cohort.backend.call(1, "describe")])[0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    cohort.on_step = kill_peer_one_mid_epoch_two
+    cohort.fit()
+    assert killed, "the peer was never killed"
+    assert cohort.failures == 1
+    assert any("peer actor died" in line and "epoch_001" in line for line in lines), lines
+    assert_same_weights(final_weights(tmp_path / "clean" / "run"), final_weights(tmp_path / "killed" / "run"), 0)
+
+
+def set_learning_rate_in_checkpoint(checkpoint, peer: int, lr: float) -> None:
+    """Make one peer's saved optimizer diverge when the run resumes from it."""
+    from cohort.checkpoint import read_safetensors, write_safetensors
+
+    path = checkpoint / f"peer_{peer}.train.safetensors"
+    tensors, header = read_safetensors(path)
+    skeleton = json.loads(header["skeleton"])
+    for group in skeleton["optimizer"]["param_groups"]:
+        group["lr"] = group["initial_lr"] = lr
+    write_safetensors(path, tensors, {"skeleton": json.dumps(skeleton)})
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_non_finite_loss_stops_the_run_naming_peer_and_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    from cohort.run import main
+
+    run_dir = tmp_path / "run"
+    options = ["cohort.backend=ray", "data.synthetic.train_size=128", "optim.milestones=[]"]
+    train(synthetic_config(tmp_path, *options, "optim.epochs=1"), log=quiet)
+    set_learning_rate_in_checkpoint(run_dir / "checkpoints" / "epoch_001", peer=1, lr=1e38)
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "epoch_001").iterdir()}
+
+    assert main(["--resume", str(run_dir), "optim.epochs=2"]) == 1
+    stderr = capsys.readouterr().err
+    assert "Unhandled error" not in stderr and "Traceback" not in stderr, stderr
+    error = next(line for line in stderr.splitlines() if line.startswith("error: "))
+    named = re.fullmatch(r"error: training stopped: peer (\d) step (\d+): loss term '\w+' is (nan|inf|-inf)(.*)", error)
+    assert named, error
+    assert named.group(1) == "1" or "the message from peer 1 is already non-finite" in named.group(4), error
+    assert int(re.search(r"step (\d+)", error).group(1)) >= 8  # in epoch 2 (8 steps per epoch)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch_001"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "epoch_001").iterdir()} == before
+    assert alive_actors() == []
