@@ -32,7 +32,14 @@ from .peer import NonFiniteLossError, Peer, topk_accuracy
 
 
 class PeerFailure(RuntimeError):
-    """A peer actor died or raised; the cohort can be rebuilt from a checkpoint."""
+    """A peer actor died or raised; the cohort can be rebuilt from a checkpoint.
+
+    ``secondary``: this peer failed only because another one did.
+    """
+
+    def __init__(self, message: str, secondary: bool = False) -> None:
+        super().__init__(message)
+        self.secondary = secondary
 
 
 class TrainingStopped(RuntimeError):
@@ -57,8 +64,8 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, config: Config) -> None:
-        self.peers = [Peer(j, config, threads=config.run.threads) for j in range(config.cohort.size)]
+    def __init__(self, config: Config, peer_class: type[Peer] = Peer) -> None:
+        self.peers = [peer_class(j, config, threads=config.run.threads) for j in range(config.cohort.size)]
 
     def call(self, j: int, method: str, *args: Any) -> Any:
         return getattr(self.peers[j], method)(*args)
@@ -71,11 +78,16 @@ class LocalBackend:
 
 
 class RayBackend:
-    """One Ray actor per peer, gang-scheduled with a placement group."""
+    """One Ray actor per peer, gang-scheduled with a placement group.
+
+    Messages travel in ``Message.to_wire`` form (numpy arrays, moved out of band);
+    ``actor_env`` adds environment variables to every actor (benchmarks use it to
+    compare Ray's own tensor settings).
+    """
 
     name = "ray"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, peer_class: type[Peer] = Peer, actor_env: dict[str, str] | None = None) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -94,13 +106,14 @@ class RayBackend:
                 f"cohort: waited 120 s for {config.cohort.size} x {bundle} on the Ray cluster; "
                 "the resources exist but are held by other work"
             )
-        remote_peer = ray.remote(Peer)
+        remote_peer = ray.remote(peer_class)
         threads = max(1, int(cpus))
         self.actors = [
             remote_peer.options(
                 num_cpus=cpus,
                 num_gpus=gpus,
                 max_restarts=0,
+                runtime_env={"env_vars": actor_env} if actor_env else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=j),
             ).remote(j, config, threads)
             for j in range(config.cohort.size)
@@ -110,27 +123,31 @@ class RayBackend:
         return getattr(self.actors[j], method).remote(*args)
 
     def get(self, handles: list[Any]) -> list[Any]:
+        """Values of ``handles`` (one per peer, in peer order); on failure, the root
+        cause among all of them (see ``root_cause``)."""
         ray = self._ray
         try:
             return ray.get(handles)
         except ray.exceptions.RayError:
             errors = []
-            for handle in handles:  # fetch every one, so no failed result goes unhandled
+            for j, handle in enumerate(handles):  # fetch every one, so no failed result goes unhandled
                 try:
                     ray.get(handle)
                 except ray.exceptions.RayError as error:
-                    errors.append(self._translate(error))
+                    errors.append(self._translate(error, j))
             raise root_cause(errors) from None
 
-    def _translate(self, error: Exception) -> Exception:
+    def _translate(self, error: Exception, j: int) -> Exception:
         ray = self._ray
-        if isinstance(error, ray.exceptions.RayTaskError):
-            cause = getattr(error, "cause", None) or error
-            if isinstance(cause, NonFiniteLossError):
-                return cause
-            first_line = str(cause).splitlines()[0] if str(cause) else ""
-            return PeerFailure(f"a peer raised {type(cause).__name__}: {first_line}")
-        return PeerFailure(f"a peer actor died ({type(error).__name__})")
+        if isinstance(error, ray.exceptions.RayActorError) and not isinstance(error, ray.exceptions.RayTaskError):
+            return PeerFailure(f"peer {j}'s actor died ({type(error).__name__})")
+        cause = getattr(error, "cause", None) or error
+        if isinstance(cause, NonFiniteLossError):
+            return cause
+        if isinstance(cause, ray.exceptions.RayError):  # a message it needed was lost with its sender
+            return PeerFailure(f"peer {j} lost a teacher's message ({type(cause).__name__})", secondary=True)
+        first_line = str(cause).splitlines()[0] if str(cause) else ""
+        return PeerFailure(f"peer {j} raised {type(cause).__name__}: {first_line}")
 
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):
@@ -143,10 +160,12 @@ class RayBackend:
 
 def root_cause(errors: list[Exception]) -> Exception:
     """The error to report from one step's failures: a peer whose own loss went
-    non-finite before one that only read a non-finite teacher, before the rest."""
+    non-finite before one that only read a non-finite teacher; a peer that died or
+    raised before one that only lost its teacher's message."""
     non_finite = [e for e in errors if isinstance(e, NonFiniteLossError)]
     origins = [e for e in non_finite if not e.bad_teachers]
-    return (origins or non_finite or errors)[0]
+    primary = [e for e in errors if not getattr(e, "secondary", False)]
+    return (origins or non_finite or primary or errors)[0]
 
 
 def check_resources(config: Config, total: dict[str, float], nodes: list[dict[str, float]]) -> tuple[float, float]:
@@ -252,11 +271,9 @@ class Cohort:
 
     def train_epoch(self, epoch: int) -> None:
         """One epoch (0-based ``epoch``; reported 1-based): steps, eval, checkpoint."""
-        backend, spe = self.backend, self.describe["steps_per_epoch"]
+        spe = self.describe["steps_per_epoch"]
         teachers = [self.pairing.teachers(j, self.size, epoch) for j in range(self.size)]
         sums: list[dict[str, float]] = [{} for _ in range(self.size)]
-        in_flight: deque[list[Any]] = deque()
-        limit = self.config.cohort.max_steps_in_flight
         progress = tqdm(
             total=spe,
             desc=f"epoch {epoch + 1}/{self.config.optim.epochs}",
@@ -266,21 +283,34 @@ class Cohort:
             leave=False,
             disable=os.environ.get("COHORT_PROGRESS", "1") == "0",
         )
-        with progress, self._drained_on_error(in_flight):
-            for step in range(epoch * spe, (epoch + 1) * spe):
+        with progress:
+            self.run_steps(range(epoch * spe, (epoch + 1) * spe), teachers, lambda r: self._collect(r, sums, progress))
+        self.backend.get([self.backend.call(j, "finish_epoch", epoch) for j in range(self.size)])
+        self.record_epoch(epoch + 1, [{k: v / spe for k, v in s.items()} for s in sums])
+
+    def run_steps(
+        self,
+        steps: range,
+        teachers: list[tuple[int, ...]],
+        on_result: Callable[[list[dict[str, float]]], None],
+    ) -> None:
+        """Publish then learn for each step, at most ``cohort.max_steps_in_flight``
+        steps outstanding; ``on_result`` gets every step's per-peer loss terms in order."""
+        backend, limit = self.backend, self.config.cohort.max_steps_in_flight
+        in_flight: deque[list[Any]] = deque()
+        with self._drained_on_error(in_flight):
+            for step in steps:
                 published = [backend.call(j, "publish", step) for j in range(self.size)]
                 in_flight.append(
                     [backend.call(j, "learn", step, *[published[t] for t in teachers[j]]) for j in range(self.size)]
                 )
                 del published  # actors hold the messages until their learn calls finish
                 while len(in_flight) >= limit:
-                    self._collect(backend.get(in_flight.popleft()), sums, progress)
+                    on_result(backend.get(in_flight.popleft()))
                 if self.on_step is not None:
                     self.on_step(step)
             while in_flight:
-                self._collect(backend.get(in_flight.popleft()), sums, progress)
-        backend.get([backend.call(j, "finish_epoch", epoch) for j in range(self.size)])
-        self.record_epoch(epoch + 1, [{k: v / spe for k, v in s.items()} for s in sums])
+                on_result(backend.get(in_flight.popleft()))
 
     @contextmanager
     def _drained_on_error(self, in_flight: deque[list[Any]]) -> Iterator[None]:

@@ -60,6 +60,8 @@ def process_accelerator(device: str, precision: str) -> Accelerator:
 class Peer:
     """Peer ``index`` of the cohort that ``config`` describes."""
 
+    send_numpy: bool = True  # publish messages in their wire form (Message.to_wire)
+
     def __init__(self, index: int, config: Config, threads: int | None = None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -129,7 +131,8 @@ class Peer:
         with self.accelerator.autocast():
             output = self.model(x)
         self._pending = (step, output, y)
-        return self.method.message(output, self.index, step).to("cpu", self.transport_dtype)
+        message = self.method.message(output, self.index, step).to("cpu", self.transport_dtype)
+        return message.to_wire() if self.send_numpy else message
 
     def learn(self, step: int, *teacher_messages: Message) -> dict[str, float]:
         """Update from this step's teachers; returns every loss term and train top-1."""
@@ -138,7 +141,7 @@ class Peer:
         _, output, targets = self._pending
         self._pending = None
         self._check_teachers(step, teacher_messages)
-        teachers = [m.to(self.device, torch.float32) for m in teacher_messages]
+        teachers = [m.from_wire().to(self.device, torch.float32) for m in teacher_messages]
 
         for p in self.critic_params:  # the peer's loss must not train its critics
             p.requires_grad_(False)

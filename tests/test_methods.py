@@ -216,7 +216,8 @@ def test_learning_touches_no_other_peer(method):
     peers = [Peer(j, config) for j in range(3)]
     messages = [p.publish(0) for p in peers]
     for message in messages:
-        assert all(not t.requires_grad and t.grad_fn is None for t in message.tensors())
+        assert message.tensors() == []  # on the wire: numpy arrays, which cannot hold a graph
+        assert all(not t.requires_grad and t.grad_fn is None for t in message.from_wire().tensors())
     before = [{k: v.clone() for k, v in p.model.state_dict().items()} for p in peers]
     extras_before = [{k: v.clone() for k, v in p.extras.state_dict().items()} for p in peers]
     peers[0].learn(0, *[messages[t] for t in peers[0].pairing.teachers(0, 3, 0)])
@@ -242,3 +243,18 @@ def test_peers_start_from_different_weights():
     a, b = Peer(0, config), Peer(1, config)
     assert not torch.equal(next(a.model.parameters()), next(b.model.parameters()))
     assert torch.equal(next(a.model.parameters()), next(Peer(0, config).model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wire_form_round_trips_exactly_and_halves_bytes_in_bfloat16(dtype):
+    config = synthetic_config(None, "method.name=amln", f"cohort.transport_dtype={dtype}")
+    peer = Peer(0, config)
+    message = peer.publish(0).from_wire()
+    assert {t.dtype for t in message.tensors()} == {getattr(torch, dtype)}
+    again = message.to_wire().from_wire()
+    assert all(torch.equal(a, b) for a, b in zip(message.tensors(), again.tensors()))
+    full = Peer(0, synthetic_config(None, "method.name=amln")).publish(0).from_wire()
+    assert message.nbytes == full.nbytes // (2 if dtype == "bfloat16" else 1)
+    assert message.nbytes == sum(4 * b.numel() for b in full.blocks) // (2 if dtype == "bfloat16" else 1) + (
+        full.logits.numel() * message.logits.element_size()
+    )

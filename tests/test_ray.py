@@ -106,7 +106,9 @@ def test_killed_peer_is_rebuilt_from_the_checkpoint_and_ends_like_an_uninterrupt
     cohort.fit()
     assert killed, "the peer was never killed"
     assert cohort.failures == 1
-    assert any("peer actor died" in line and "epoch_001" in line for line in lines), lines
+    recoveries = [line for line in lines if "rebuilding the cohort" in line]
+    assert len(recoveries) == 1, recoveries
+    assert "peer 1's actor died" in recoveries[0] and "from epoch_001" in recoveries[0], recoveries
     assert_same_weights(final_weights(tmp_path / "clean" / "run"), final_weights(tmp_path / "killed" / "run"), 0)
 
 
@@ -142,4 +144,65 @@ def test_non_finite_loss_stops_the_run_naming_peer_and_step_and_keeps_the_last_c
     assert int(re.search(r"step (\d+)", error).group(1)) >= 8  # in epoch 2 (8 steps per epoch)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch_001"]
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "epoch_001").iterdir()} == before
+    assert alive_actors() == []
+
+
+def fake_cluster_config(*overrides: str):
+    return synthetic_config(None, "cohort.backend=ray", *overrides)
+
+
+def test_peers_get_one_gpu_each_when_the_cluster_has_gpus_else_a_cpu_share():
+    from cohort.coordinator import check_resources
+
+    gpu_node = {"CPU": 16.0, "GPU": 4.0}
+    assert check_resources(fake_cluster_config(), gpu_node, [gpu_node]) == (1.0, 1.0)
+    cpu_node = {"CPU": 2.0}
+    assert check_resources(fake_cluster_config(), cpu_node, [cpu_node]) == (1.0, 0.0)
+    shared = fake_cluster_config("cohort.gpus_per_peer=0.5", "cohort.size=4")
+    assert check_resources(shared, {"CPU": 8.0, "GPU": 2.0}, [{"CPU": 8.0, "GPU": 2.0}]) == (1.0, 0.5)
+
+
+def test_a_peer_too_big_for_every_single_node_is_refused():
+    from cohort.coordinator import check_resources
+
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    with pytest.raises(ConfigError, match="no single Ray node has 3 CPUs"):
+        check_resources(fake_cluster_config("cohort.cpus_per_peer=3"), {"CPU": 8.0}, nodes + nodes)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_driver_holds_a_bounded_number_of_objects_over_a_run(tmp_path):
+    """The driver owns every publish/learn result; with at most max_steps_in_flight
+    steps outstanding that number must not grow with the length of the run."""
+    import ray
+
+    config = synthetic_config(
+        tmp_path, "cohort.backend=ray", "data.batch_size=4", "cohort.transport_dtype=bfloat16", "optim.epochs=1"
+    )
+    cohort = Cohort(config, prepare_run_dir(config, resume=False), log=quiet)
+    owned: list[int] = []
+    core_worker = ray._private.worker.global_worker.core_worker
+    cohort.on_step = lambda step: owned.append(len(core_worker.get_all_reference_counts()))
+    result = cohort.fit()
+    assert len(owned) == 16  # 64 images / batch 4
+    in_flight = config.cohort.max_steps_in_flight
+    assert max(owned) <= 2 * config.cohort.size * in_flight + 8, owned  # publish + learn refs, plus a few
+    assert max(owned[-4:]) <= max(owned[:4]), owned
+    assert all(0 <= top1 <= 1 for top1 in result.final_top1)  # bfloat16 transport trains end to end
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_failures_beyond_max_failures_stop_the_run_and_point_to_resume(tmp_path):
+    from cohort.coordinator import TrainingStopped
+
+    config = synthetic_config(tmp_path, "cohort.backend=ray", "run.max_failures=0")
+    cohort = Cohort(config, prepare_run_dir(config, resume=False), log=quiet)
+
+    def kill_peer_zero(step: int) -> None:
+        if step == 1:
+            os.kill(cohort.backend.get([cohort.backend.call(0, "describe")])[0]["pid"], signal.SIGKILL)
+
+    cohort.on_step = kill_peer_zero
+    with pytest.raises(TrainingStopped, match=r"peer 0's actor died .*giving up after 0 recoveries .*--resume"):
+        cohort.fit()
     assert alive_actors() == []

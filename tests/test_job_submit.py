@@ -1,0 +1,87 @@
+"""`ray job submit -- python -m cohort.run ...` against a real local head, exactly as
+the README's cluster section tells a user to do it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from contextlib import suppress
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head (its own ports and temp dir, so the test session's Ray is
+    untouched), stopped by signalling its process group rather than `ray stop`, which
+    would stop every Ray instance on the machine."""
+    gcs, dashboard, agent, client = free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="cohort-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = os.environ | {"RAY_DISABLE_USAGE_STATS": "1", "COHORT_PROGRESS": "0"}
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    for line in head.stdout:  # ready when it says so (or it exited: the loop ends)
+        seen.append(line)
+        if "Ray runtime started" in line:
+            break
+    assert head.poll() is None, "ray start --head failed:\n" + "".join(seen)
+    threading.Thread(target=seen.extend, args=(head.stdout,), daemon=True).start()  # keep the pipe drained
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=5)
+        with suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # Ray's processes can linger after SIGTERM
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_job_submitted_to_a_local_head_trains_and_writes_its_outputs(ray_head, tmp_path):
+    out_dir = tmp_path / "job-run"
+    command = [
+        RAY, "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+        "python", "-m", "cohort.run", "--config", "configs/amln_fashion.yaml",
+        "data.name=synthetic", "data.train_subset=null",
+        "data.synthetic.train_size=64", "data.synthetic.test_size=32", "data.batch_size=16",
+        "optim.epochs=1", "optim.milestones=[]", f"run.out_dir={out_dir}",
+    ]  # fmt: skip
+    env = os.environ | {"RAY_AUTH_MODE": "token"}  # what the README tells users to set
+    env.pop("RAY_ADDRESS", None)
+    job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log
+    assert "succeeded" in log and "Connecting to existing Ray cluster" in log, log
+    assert "[cohort] done:" in log
+    for name in ("config.yaml", "metrics.parquet", "best_peer.safetensors", "checkpoints/epoch_001/meta.json"):
+        assert (out_dir / name).is_file(), name
+    assert set(pl.read_parquet(out_dir / "metrics.parquet")["peer"].drop_nulls()) == {0, 1}

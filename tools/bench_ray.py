@@ -1,0 +1,176 @@
+"""Ray cohort vs the local backend: step time split into compute and exchange,
+bytes moved per step, and throughput ratios.
+
+2-peer cyclic AMLN cohort of ResNet-20s, batch 128, Fashion-MNIST shapes (seeded
+synthetic 1x28x28 images: content does not change the cost), one CPU per peer.
+
+- compute: time each peer spends inside publish + learn (measured in the peer);
+- exchange: the rest of the Ray step (serialising messages into the object store,
+  fetching them as learn's arguments, scheduling), i.e. wall time per step minus
+  the busiest peer's compute;
+- sequential: the local backend running the same peers one after the other in one
+  process, with 1 and with 2 torch threads.
+
+    python tools/bench_ray.py [--steps 30] [--warmup 5] [--transports default,zero_copy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import time
+
+os.environ.setdefault("COHORT_PROGRESS", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from cohort.config import load_config  # noqa: E402
+from cohort.coordinator import Cohort, LocalBackend, RayBackend  # noqa: E402
+from cohort.peer import Peer  # noqa: E402
+
+BASE = [
+    "method.name=amln",
+    "method.rampup_epochs=0",
+    "cohort.size=2",
+    "cohort.cpus_per_peer=1",
+    "data.name=synthetic",
+    "data.train_subset=null",
+    "data.synthetic.image_size=28",
+    "data.synthetic.train_size=8192",
+    "data.synthetic.test_size=16",
+    "data.batch_size=128",
+    "optim.milestones=[]",
+]
+TRANSPORTS = {  # name: (peer environment, message wire form)
+    "default": ({}, "torch"),  # Ray pickles torch tensors through torch's own reducer
+    "zero_copy": ({"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}, "torch"),  # Ray's out-of-band uint8 views
+    "numpy": ({}, "numpy"),  # Message.to_wire: numpy arrays, out of band (what cohort uses)
+}
+
+
+class TimedPeer(Peer):
+    """A Peer that records the seconds spent inside publish and learn."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compute: list[float] = []
+
+    def publish(self, step):
+        start = time.perf_counter()
+        message = super().publish(step)
+        self.compute.append(time.perf_counter() - start)
+        return message
+
+    def learn(self, step, *teachers):
+        start = time.perf_counter()
+        out = super().learn(step, *teachers)
+        self.compute[-1] += time.perf_counter() - start
+        return out
+
+    def take_compute(self) -> list[float]:
+        times, self.compute = self.compute, []
+        return times
+
+
+class TorchWireTimedPeer(TimedPeer):
+    """Sends messages as torch tensors (before Message.to_wire was adopted)."""
+
+    send_numpy = False
+
+
+def measure(cohort: Cohort, steps: int, warmup: int) -> tuple[float, float]:
+    """(wall seconds per step, busiest peer's compute seconds per step)."""
+    teachers = [cohort.pairing.teachers(j, cohort.size, 0) for j in range(cohort.size)]
+    backend = cohort.backend
+    cohort.run_steps(range(warmup), teachers, lambda r: None)
+    backend.get([backend.call(j, "take_compute") for j in range(cohort.size)])
+    start = time.perf_counter()
+    cohort.run_steps(range(warmup, warmup + steps), teachers, lambda r: None)
+    wall = (time.perf_counter() - start) / steps
+    compute = backend.get([backend.call(j, "take_compute") for j in range(cohort.size)])
+    return wall, max(statistics.fmean(c) for c in compute)
+
+
+def independent_peer_step(steps: int) -> float:
+    """Median publish + learn seconds of one AMLN peer, 1 thread, no exchange."""
+    from bench_step import time_steps  # tools/ is on sys.path when a tool runs
+
+    torch.set_num_threads(1)
+    return time_steps(["method.name=amln"], steps)
+
+
+def driver(config, backend) -> Cohort:
+    cohort = Cohort(config, run_dir=".", log=lambda line: None)
+    cohort.backend = backend
+    cohort.describe = backend.get([backend.call(0, "describe")])[0]
+    return cohort
+
+
+def message_bytes(dtype: str) -> int:
+    peer = Peer(0, load_config(None, [*BASE, f"cohort.transport_dtype={dtype}", "cohort.backend=local"]))
+    return peer.publish(0).from_wire().nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--transports", default=",".join(TRANSPORTS))
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+
+    for dtype in ("float32", "bfloat16"):
+        per_message = message_bytes(dtype)
+        print(f"bytes per step, {dtype}: {per_message / 2**20:.2f} MiB per message x 2 peers = "
+              f"{2 * per_message / 2**20:.2f} MiB")  # fmt: skip
+
+    # The parallel ceiling: two peers' compute in two processes at once, no Ray, no exchange.
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        alone = independent_peer_step(args.steps)
+        together = max(pool.map(independent_peer_step, [args.steps] * 2))
+    print(f"one AMLN peer step, 1 thread: alone {1000 * alone:.0f} ms; two processes side by side "
+          f"{1000 * together:.0f} ms each (the 2-core parallel ceiling is {2 * alone / together:.2f}x)")  # fmt: skip
+
+    rows = []
+    for threads in (1, 2):
+        config = load_config(None, [*BASE, "cohort.backend=local", f"run.threads={threads}"])
+        wall, _ = measure(driver(config, LocalBackend(config, TimedPeer)), args.steps, args.warmup)
+        rows.append((f"local, sequential, {threads} thread(s)", "float32", wall, None))
+    torch.set_num_threads(1)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for transport in args.transports.split(","):
+        for dtype in args.dtypes.split(","):
+            config = load_config(None, [*BASE, "cohort.backend=ray", f"cohort.transport_dtype={dtype}"])
+            env, wire = TRANSPORTS[transport]
+            backend = RayBackend(config, TimedPeer if wire == "numpy" else TorchWireTimedPeer, actor_env=env)
+            try:
+                wall, compute = measure(driver(config, backend), args.steps, args.warmup)
+            finally:
+                backend.shutdown()
+            rows.append((f"ray, {transport}", dtype, wall, compute))
+    ray.shutdown()
+
+    sequential_1 = rows[0][2]
+    sequential_2 = rows[1][2]
+    print(f"\n2-peer AMLN ResNet-20, batch 128, 1x28x28; mean of {args.steps} steps after {args.warmup} warm-up")
+    print("| backend | transport dtype | step (ms) | compute (ms) | exchange (ms) | exchange % | "
+          "throughput vs seq. 1 thread | vs seq. 2 threads |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, dtype, wall, compute in rows:
+        compute_cells = (
+            f"{1000 * compute:.0f} | {1000 * (wall - compute):.0f} | {100 * (wall - compute) / wall:.1f}"
+            if compute is not None
+            else "- | - | -"
+        )
+        print(
+            f"| {name} | {dtype} | {1000 * wall:.0f} | {compute_cells} | "
+            f"{sequential_1 / wall:.2f} | {sequential_2 / wall:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
