@@ -47,3 +47,15 @@ def ray_session():
 def fashion_required():
     if not FASHION_INSTALLED:
         pytest.fail("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist (the README's test command does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where CUDA is present; elsewhere they skip with a reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

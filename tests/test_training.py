@@ -68,6 +68,7 @@ def test_cli_local_backend_prints_a_line_per_epoch_per_peer(tmp_path, capsys):
     assert (out_dir / "best_peer.safetensors").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_learning_rate_follows_the_milestones(tmp_path):
     from cohort.peer import Peer
 
@@ -80,6 +81,7 @@ def test_learning_rate_follows_the_milestones(tmp_path):
     assert rates == pytest.approx([0.1, 0.01, 0.001])
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_precise_bn_reestimates_statistics_without_touching_weights(tmp_path):
     from cohort.peer import Peer
 
