@@ -197,3 +197,13 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys):
     assert main([f"run.out_dir={result.run_dir}", "cohort.backend=local", "data.name=synthetic"]) == 2
     assert "already holds a run; continue it with --resume" in capsys.readouterr().err
     assert tree_digest(result.run_dir) == before
+
+
+def test_resume_refuses_overrides_that_would_change_the_maths(finished_run, capsys):
+    _, result = finished_run
+    before = tree_digest(result.run_dir)
+    assert main(["--resume", str(result.run_dir), "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume: optim.lr cannot change when resuming") and "optim.epochs" in err
+    assert len(err.splitlines()) == 1
+    assert tree_digest(result.run_dir) == before
