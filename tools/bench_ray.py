@@ -24,6 +24,7 @@ import time
 
 os.environ.setdefault("COHORT_PROGRESS", "0")
 
+import bench_step  # noqa: E402  (tools/ is on sys.path when a tool runs)
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -96,10 +97,8 @@ def measure(cohort: Cohort, steps: int, warmup: int) -> tuple[float, float]:
 
 def independent_peer_step(steps: int) -> float:
     """Median publish + learn seconds of one AMLN peer, 1 thread, no exchange."""
-    from bench_step import time_steps  # tools/ is on sys.path when a tool runs
-
     torch.set_num_threads(1)
-    return time_steps(["method.name=amln"], steps)
+    return bench_step.time_steps(["method.name=amln"], steps)
 
 
 def driver(config, backend) -> Cohort:
@@ -142,6 +141,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The same single-peer loop inside one Ray worker, alone on the machine: Ray's worker environment's own cost.
+    ray.cloudpickle.register_pickle_by_value(bench_step)  # workers cannot import tools/
+    in_worker = ray.get(ray.remote(num_cpus=1)(independent_peer_step).remote(args.steps))
+    print(f"one AMLN peer step, 1 thread, inside a Ray worker alone: {1000 * in_worker:.0f} ms")
     for transport in args.transports.split(","):
         for dtype in args.dtypes.split(","):
             config = load_config(None, [*BASE, "cohort.backend=ray", f"cohort.transport_dtype={dtype}"])
