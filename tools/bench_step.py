@@ -39,20 +39,39 @@ BASE = [
 ]
 
 
-def time_steps(overrides: list[str], steps: int, warmup: int = 3) -> float:
-    """Median seconds of peer 0's publish + learn."""
+def build(overrides: list[str]) -> tuple[Peer, Peer]:
+    """The learning peer 0 and its teacher, peer 1, at full distillation weight."""
     full_weight = [] if "method.name=vanilla" in overrides else ["method.rampup_epochs=0"]
     config = load_config(None, [*BASE, *overrides, *full_weight])
-    learner, teacher = Peer(0, config), Peer(1, config)
-    times = []
-    for step in range(warmup + steps):
-        message = teacher.publish(step)
-        teacher._pending = None  # the teacher does not learn here; only its message is needed
-        start = time.perf_counter()
-        learner.publish(step)
-        learner.learn(step, message)
-        times.append(time.perf_counter() - start)
+    return Peer(0, config), Peer(1, config)
+
+
+def timed_step(learner: Peer, teacher: Peer, step: int) -> float:
+    """Seconds of the learner's publish + learn at ``step``."""
+    message = teacher.publish(step)
+    teacher._pending = None  # the teacher does not learn here; only its message is needed
+    start = time.perf_counter()
+    learner.publish(step)
+    learner.learn(step, message)
+    return time.perf_counter() - start
+
+
+def time_steps(overrides: list[str], steps: int, warmup: int = 3) -> float:
+    """Median seconds of one variant's publish + learn."""
+    learner, teacher = build(overrides)
+    times = [timed_step(learner, teacher, step) for step in range(warmup + steps)]
     return statistics.median(times[warmup:])
+
+
+def time_interleaved(variants: dict[str, list[str]], steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per variant, taking one step of each in turn, so that drift in
+    the machine's speed (this VM drifts by up to 10% over minutes) hits all alike."""
+    pairs = {name: build(overrides) for name, overrides in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for step in range(warmup + steps):
+        for name, (learner, teacher) in pairs.items():
+            times[name].append(timed_step(learner, teacher, step))
+    return {name: statistics.median(t[warmup:]) for name, t in times.items()}
 
 
 def main() -> None:
@@ -61,9 +80,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {name: time_steps(overrides, args.steps) for name, overrides in VARIANTS.items()}
+    results = time_interleaved(VARIANTS, args.steps)
     base = results["vanilla"]
-    print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} steps)")
+    print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} "
+          "steps, variants interleaved)")  # fmt: skip
     print("| --- | ---: | ---: |")
     for name, seconds in results.items():
         print(f"| {name} | {1000 * seconds:.0f} | {seconds / base:.2f} |")
