@@ -67,3 +67,26 @@ class PeerModel(nn.Module):
 
     def forward(self, x: Tensor) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def build_stages(
+    block: type[nn.Module], block_info: tuple[BlockInfo, ...], blocks_per_stage: int, in_planes: int
+) -> tuple[nn.ModuleList, int]:
+    """The stages of a CIFAR-style net: per ``block_info`` entry, ``blocks_per_stage``
+    residual blocks, the first one striding when the stage downsamples. Returns the
+    stages and the last stage's width; convs get He (fan-out) init."""
+    stages = []
+    for info in block_info:
+        layers = []
+        for i in range(blocks_per_stage):
+            layers.append(block(in_planes, info.channels, 2 if (i == 0 and info.stride > 1) else 1))
+            in_planes = info.channels
+        stages.append(nn.Sequential(*layers))
+    return nn.ModuleList(stages), in_planes
+
+
+def init_convs(model: nn.Module) -> None:
+    """He (fan-out) init for every conv, the usual CIFAR ResNet/WRN choice."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BlockInfo, Output, PeerModel
+from .base import BlockInfo, Output, PeerModel, build_stages, init_convs
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -42,19 +42,9 @@ class CifarResNet(PeerModel):
         n = (depth - 2) // 6
         self.block_info = self.describe_blocks()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        stages, in_planes = [], 16
-        for info in self.block_info:
-            layers = []
-            for i in range(n):
-                stride = 2 if (i == 0 and info.stride > 1) else 1
-                layers.append(BasicBlock(in_planes, info.channels, stride))
-                in_planes = info.channels
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.stages, width = build_stages(BasicBlock, self.block_info, n, in_planes=16)
+        self.fc = nn.Linear(width, num_classes)
+        init_convs(self)
 
     @staticmethod
     def describe_blocks() -> tuple[BlockInfo, ...]:

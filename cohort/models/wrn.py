@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BlockInfo, Output, PeerModel
+from .base import BlockInfo, Output, PeerModel, build_stages, init_convs
 
 
 class WideBlock(nn.Module):
@@ -43,22 +43,11 @@ class WideResNet(PeerModel):
         n = (depth - 4) // 6
         self.block_info = self.describe_blocks(widen)
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        groups, in_planes = [], 16
-        for info in self.block_info:
-            layers = []
-            for i in range(n):
-                stride = 2 if (i == 0 and info.stride > 1) else 1
-                layers.append(WideBlock(in_planes, info.channels, stride))
-                in_planes = info.channels
-            groups.append(nn.Sequential(*layers))
-        self.groups = nn.ModuleList(groups)
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.groups, width = build_stages(WideBlock, self.block_info, n, in_planes=16)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+        init_convs(self)
+        nn.init.zeros_(self.fc.bias)
 
     @staticmethod
     def describe_blocks(widen: int) -> tuple[BlockInfo, ...]:
