@@ -221,12 +221,11 @@ class Cohort:
 
     def fit(self, resume: bool = False) -> RunResult:
         """Train until ``optim.epochs``, surviving up to ``run.max_failures`` peer failures."""
-        self.backend = BACKENDS[self.config.cohort.backend](self.config)  # fails before any file is written
         try:
+            self.start_backend()  # fails before any file is written
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
                 write_text(self.run_dir / "config.yaml", self.config.to_yaml())
-            self.describe = self.backend.get([self.backend.call(0, "describe")])[0]
             epoch = self.restore() if resume else 0
             while epoch < self.config.optim.epochs:
                 try:
@@ -236,7 +235,14 @@ class Cohort:
                     epoch = self.recover(failure)
             return self.finish()
         finally:
-            self.backend.shutdown()
+            if self.backend is not None:
+                self.backend.shutdown()
+                self.backend = None
+
+    def start_backend(self, backend: Any = None) -> None:
+        """Start the peers (``backend``, or the configured one) and learn their layout."""
+        self.backend = backend if backend is not None else BACKENDS[self.config.cohort.backend](self.config)
+        self.describe = self.backend.get([self.backend.call(0, "describe")])[0]
 
     def recover(self, failure: PeerFailure) -> int:
         self.failures += 1
@@ -252,7 +258,8 @@ class Cohort:
             f"(failure {self.failures} of at most {self.config.run.max_failures})"
         )
         self.backend.shutdown()
-        self.backend = BACKENDS[self.config.cohort.backend](self.config)
+        self.backend = None
+        self.start_backend()
         return self.restore()
 
     def restore(self) -> int:

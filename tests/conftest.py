@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def synthetic_config(tmp_path: Path | None = None, *overrides: str) -> Config:
     if tmp_path is not None:
         base.append(f"run.out_dir={tmp_path / 'run'}")
     return load_config(None, [*base, *overrides])
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path: equal digests mean
+    nothing in the folder was touched."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

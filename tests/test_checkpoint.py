@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 
 import polars as pl
@@ -17,7 +16,7 @@ from cohort.data import load_data
 from cohort.peer import Peer
 from cohort.run import main
 
-from conftest import synthetic_config
+from conftest import synthetic_config, tree_digest
 
 
 def quiet(line: str) -> None:
@@ -31,10 +30,6 @@ def finished_run(tmp_path_factory):
     config = synthetic_config(root, "optim.epochs=2", "optim.milestones=[1]")
     result = train(config, log=quiet)
     return config, result
-
-
-def tree_digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_checkpoint_round_trip_restores_every_peer_exactly(finished_run):

@@ -14,7 +14,7 @@ from cohort.checkpoint import latest_checkpoint, load_checkpoint
 from cohort.config import ConfigError
 from cohort.coordinator import Cohort, prepare_run_dir, train
 
-from conftest import synthetic_config
+from conftest import synthetic_config, tree_digest
 
 pytestmark = pytest.mark.ray
 
@@ -44,6 +44,13 @@ def alive_actors() -> list:
     import ray
 
     return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
+
+
+def kill_peer(cohort: Cohort, j: int) -> int:
+    """SIGKILL peer ``j``'s actor process, as a crashed node would; returns its pid."""
+    pid = cohort.backend.get([cohort.backend.call(j, "describe")])[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def quiet(line: str) -> None:
@@ -98,9 +105,7 @@ def test_killed_peer_is_rebuilt_from_the_checkpoint_and_ends_like_an_uninterrupt
     def kill_peer_one_mid_epoch_two(step: int) -> None:
         steps_per_epoch = cohort.describe["steps_per_epoch"]
         if not killed and step == steps_per_epoch + 1:  # epoch 2, second step
-            pid = cohort.backend.get([cohort.backend.call(1, "describe")])[0]["pid"]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            killed.append(kill_peer(cohort, 1))
 
     cohort.on_step = kill_peer_one_mid_epoch_two
     cohort.fit()
@@ -132,7 +137,7 @@ def test_non_finite_loss_stops_the_run_naming_peer_and_step_and_keeps_the_last_c
     options = ["cohort.backend=ray", "data.synthetic.train_size=128", "optim.milestones=[]"]
     train(synthetic_config(tmp_path, *options, "optim.epochs=1"), log=quiet)
     set_learning_rate_in_checkpoint(run_dir / "checkpoints" / "epoch_001", peer=1, lr=1e38)
-    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "epoch_001").iterdir()}
+    before = tree_digest(run_dir / "checkpoints" / "epoch_001")
 
     assert main(["--resume", str(run_dir), "optim.epochs=2"]) == 1
     stderr = capsys.readouterr().err
@@ -143,7 +148,7 @@ def test_non_finite_loss_stops_the_run_naming_peer_and_step_and_keeps_the_last_c
     assert named.group(1) == "1" or "the message from peer 1 is already non-finite" in named.group(4), error
     assert int(re.search(r"step (\d+)", error).group(1)) >= 8  # in epoch 2 (8 steps per epoch)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch_001"]
-    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "epoch_001").iterdir()} == before
+    assert tree_digest(run_dir / "checkpoints" / "epoch_001") == before
     assert alive_actors() == []
 
 
@@ -200,7 +205,7 @@ def test_failures_beyond_max_failures_stop_the_run_and_point_to_resume(tmp_path)
 
     def kill_peer_zero(step: int) -> None:
         if step == 1:
-            os.kill(cohort.backend.get([cohort.backend.call(0, "describe")])[0]["pid"], signal.SIGKILL)
+            kill_peer(cohort, 0)
 
     cohort.on_step = kill_peer_zero
     with pytest.raises(TrainingStopped, match=r"peer 0's actor died .*giving up after 0 recoveries .*--resume"):

@@ -103,8 +103,7 @@ def independent_peer_step(steps: int) -> float:
 
 def driver(config, backend) -> Cohort:
     cohort = Cohort(config, run_dir=".", log=lambda line: None)
-    cohort.backend = backend
-    cohort.describe = backend.get([backend.call(0, "describe")])[0]
+    cohort.start_backend(backend)
     return cohort
 
 
