@@ -80,6 +80,23 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str
         temporary.unlink(missing_ok=True)
 
 
+def check_output_dir(path: Path, key: str) -> None:
+    """A ``ConfigError`` naming ``key`` unless ``path`` is, or can become, a writable
+    folder: no part of it may be a file, and its nearest existing folder must be
+    writable. Nothing is created."""
+    from .config import ConfigError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ConfigError(f"{key}: {path} {what}; give a folder path")
+    if not os.access(existing if existing.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot write under {existing} (permission denied); give a writable folder")
+
+
 def write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data import DATASETS
 from .models import MODELS, model_block_info
 from .pairing import PAIRINGS
 from .registry import suggest
@@ -44,7 +45,7 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"] = "fashion_mnist"
+    name: str = "fashion_mnist"  # a name in cohort.data.DATASETS
     root: Path | None = None  # None: the Debian package's folder for fashion_mnist
     batch_size: int = Field(128, ge=1)
     train_subset: int | None = Field(20000, ge=1)  # first K images after a seeded shuffle
@@ -54,6 +55,13 @@ class DataConfig(Section):
     augment: bool = True  # random crop with padding + horizontal flip on training batches
     workers: int = Field(0, ge=0)  # DataLoader workers for image-folder datasets
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(DATASETS.unknown_message(name))
+        return name
 
 
 # --------------------------------------------------------------------------- cohort
@@ -285,6 +293,58 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ConfigError(describe(error)) from None
 
 
+# ------------------------------------------------------------------------ resuming
+
+# Keys a resumed run may change: where and how long it runs, not what it computes.
+RESUMABLE_KEYS = frozenset(
+    {
+        "optim.epochs",
+        "run.max_failures",
+        "run.checkpoint_every",
+        "run.threads",
+        "run.device",
+        "run.out_dir",
+        "cohort.backend",
+        "cohort.cpus_per_peer",
+        "cohort.gpus_per_peer",
+        "cohort.max_steps_in_flight",
+        "data.workers",
+    }
+)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{dotted}.")
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def check_resume(saved: Config, new: Config) -> None:
+    """A resumed run may differ from its saved config only in ``RESUMABLE_KEYS``: the
+    checkpoint fixes the training maths. One-line ConfigError naming the first key."""
+    before, after = flatten(saved.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    for key in sorted(before.keys() | after.keys()):
+        if key not in RESUMABLE_KEYS and before.get(key) != after.get(key):
+            raise ConfigError(
+                f"--resume: {key} cannot change when resuming (the checkpoint fixes the training maths; "
+                f"the run has {before.get(key)!r}); keys that can: {', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The validated config.yaml a run wrote when it started."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    return validate(read_yaml(path))
+
+
 # ---------------------------------------------------------------- error messages
 
 
@@ -366,6 +426,9 @@ __all__ = [
     "METHOD_CONFIGS",
     "OptimConfig",
     "RunConfig",
+    "RESUMABLE_KEYS",
     "VanillaConfig",
+    "check_resume",
     "load_config",
+    "read_run_config",
 ]

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from .config import DataConfig
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
@@ -49,24 +53,15 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
-STATIC_INFO = {
-    "fashion_mnist": DatasetInfo(1, 10, 28, (0.2860,), (0.3530,)),
-    "cifar10": DatasetInfo(3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": DatasetInfo(3, 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+FASHION_MNIST_INFO = DatasetInfo(1, 10, 28, (0.2860,), (0.3530,))
+CIFAR10_INFO = DatasetInfo(3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_INFO = DatasetInfo(3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_INFO = DatasetInfo(3, 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def dataset_info(config: DataConfig) -> DatasetInfo:
     """Channels, classes and input size, without loading the data."""
-    if config.name == "synthetic":
-        s = config.synthetic
-        return DatasetInfo(s.channels, s.num_classes, s.image_size, (0.5,) * s.channels, (0.25,) * s.channels)
-    info = STATIC_INFO[config.name]
-    if config.name == "imagenet":
-        classes = sorted(p.name for p in (image_folder_root(config) / "train").iterdir() if p.is_dir())
-        info = DatasetInfo(info.channels, len(classes), info.image_size, info.mean, info.std)
-    return info
+    return DATASETS.get(config.name).info(config)
 
 
 def seed_for(*parts: object) -> int:
@@ -138,6 +133,9 @@ class TensorSplit:
         x = (images.float().div_(255) - self.mean) / self.std
         return x, self.labels[positions]
 
+    def plan_batch(self, plan: BatchPlan, step: int) -> tuple[Tensor, Tensor]:
+        return self.batch(plan.positions(step), plan.augment_seed(step))
+
     def eval_batches(self, batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, len(self), batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
@@ -162,23 +160,45 @@ class SeededFolder(torch.utils.data.Dataset):
 
 
 class FolderSplit:
-    """A split read from an ImageFolder on demand (ImageNet-size data)."""
+    """A split read from an ImageFolder on demand (ImageNet-size data).
 
-    def __init__(self, folder, indices: Tensor, transform: v2.Transform, workers: int) -> None:
+    Training batches stream: one DataLoader per epoch whose batch sampler is the rest
+    of the epoch's batch plan, so its ``data.workers`` decode ahead of the step that
+    needs them. A step out of that order (a resumed run, precise BN's batches) starts
+    a new stream at that step.
+    """
+
+    def __init__(self, folder, indices: Tensor, transform: v2.Transform, workers: int, pin_memory: bool) -> None:
         self.dataset = SeededFolder(folder, indices, transform)
-        self.workers = workers
+        self.workers, self.pin_memory = workers, pin_memory
+        self._stream: Iterator[tuple[Tensor, Tensor]] | None = None
+        self._next_step, self._stream_end = -1, -1
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _load(self, batches: Sequence[list[tuple[int, int | None]]]) -> Iterator[tuple[Tensor, Tensor]]:
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin_memory
+        )
         for x, y in loader:
             yield x, torch.as_tensor(y)
 
+    @staticmethod
+    def _items(positions: Tensor, augment_seed: int | None) -> list[tuple[int, int | None]]:
+        return [(int(p), None if augment_seed is None else augment_seed + i) for i, p in enumerate(positions)]
+
     def batch(self, positions: Tensor, augment_seed: int | None = None) -> tuple[Tensor, Tensor]:
-        items = [(int(p), None if augment_seed is None else augment_seed + i) for i, p in enumerate(positions)]
-        return next(iter(self._load([items])))
+        return next(iter(self._load([self._items(positions, augment_seed)])))
+
+    def plan_batch(self, plan: BatchPlan, step: int) -> tuple[Tensor, Tensor]:
+        if step != self._next_step or step >= self._stream_end:
+            epoch, _ = plan.locate(step)
+            self._stream_end = (epoch + 1) * plan.steps_per_epoch
+            steps = range(step, self._stream_end)
+            self._stream = self._load([self._items(plan.positions(s), plan.augment_seed(s)) for s in steps])
+        self._next_step = step + 1
+        return next(self._stream)
 
     def eval_batches(self, batch_size: int = EVAL_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
         starts = range(0, len(self), batch_size)
@@ -200,7 +220,7 @@ class PeerData:
 
     def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The (augmented) batch of global step ``step``: identical in every peer."""
-        return self.train.batch(self.plan.positions(step), self.plan.augment_seed(step))
+        return self.train.plan_batch(self.plan, step)
 
     def eval_split(self, name: str) -> Split:
         split = {"test": self.test, "val": self.val}.get(name)
@@ -212,24 +232,57 @@ class PeerData:
 # ------------------------------------------------------------------------ loading
 
 
-def load_data(config: DataConfig, seed: int) -> PeerData:
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One registered dataset: its input facts, its loader and its fail-fast check."""
+
+    info: Callable[[DataConfig], DatasetInfo]  # without loading the data
+    load: Callable[[DataConfig, DatasetInfo, int, bool], PeerData]  # (config, info, seed, pin_memory)
+    check: Callable[[DataConfig], None]  # raises DataError naming the path and the fix
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def load_data(config: DataConfig, seed: int, pin_memory: bool = False) -> PeerData:
     """Load a dataset and carve the train / val / test splits of a run."""
-    info = dataset_info(config)
-    if config.name == "imagenet":
-        return _load_folder_data(config, info, seed)
-    (train_x, train_y), (test_x, test_y) = load_arrays(config)
-    pool = _subset(len(train_y), config.train_subset, seed_for(seed, "train_subset"))
+    spec = DATASETS.get(config.name)
+    return spec.load(config, spec.info(config), seed, pin_memory)
+
+
+def check_available(config: DataConfig) -> None:
+    """Fail fast, before any actor starts, if the dataset cannot be read."""
+    DATASETS.get(config.name).check(config)
+
+
+def split_indices(train_size: int, test_size: int, config: DataConfig, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, val, test) indices: a seeded ``data.train_subset`` of the training set
+    whose last ``data.val_split`` fraction is held out, and a seeded test subset."""
+    pool = _subset(train_size, config.train_subset, seed_for(seed, "train_subset"))
     n_val = round(len(pool) * config.val_split)
-    train_idx, val_idx = pool[: len(pool) - n_val], pool[len(pool) - n_val :]
-    test_idx = _subset(len(test_y), config.test_subset, seed_for(seed, "test_subset"))
-    augment = train_augmentation(config.name, info) if config.augment else None
-    return PeerData(
-        info=info,
-        train=TensorSplit(train_x[train_idx], train_y[train_idx], info, augment),
-        val=TensorSplit(train_x[val_idx], train_y[val_idx], info, None) if n_val else None,
-        test=TensorSplit(test_x[test_idx], test_y[test_idx], info, None),
-        plan=BatchPlan(len(train_idx), config.batch_size, seed),
-    )
+    test = _subset(test_size, config.test_subset, seed_for(seed, "test_subset"))
+    return pool[: len(pool) - n_val], pool[len(pool) - n_val :], test
+
+
+def in_memory(
+    info: Callable[[DataConfig], DatasetInfo],
+    arrays: Callable[[DataConfig], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]],
+) -> DatasetSpec:
+    """A dataset held in memory as uint8 tensors, read by ``arrays(config)``."""
+
+    def load(config: DataConfig, info: DatasetInfo, seed: int, pin_memory: bool) -> PeerData:
+        (train_x, train_y), (test_x, test_y) = arrays(config)
+        train_idx, val_idx, test_idx = split_indices(len(train_y), len(test_y), config, seed)
+        augment = train_augmentation(info) if config.augment else None
+        return PeerData(
+            info=info,
+            train=TensorSplit(train_x[train_idx], train_y[train_idx], info, augment),
+            val=TensorSplit(train_x[val_idx], train_y[val_idx], info, None) if len(val_idx) else None,
+            test=TensorSplit(test_x[test_idx], test_y[test_idx], info, None),
+            plan=BatchPlan(len(train_idx), config.batch_size, seed),
+        )
+
+    return DatasetSpec(info=info, load=load, check=arrays)  # arrays are cached per process
 
 
 def _subset(total: int, keep: int | None, seed: int) -> Tensor:
@@ -238,36 +291,21 @@ def _subset(total: int, keep: int | None, seed: int) -> Tensor:
     return order if keep is None else order[:keep]
 
 
-def train_augmentation(name: str, info: DatasetInfo) -> v2.Transform:
+def train_augmentation(info: DatasetInfo) -> v2.Transform:
     """Light augmentation for uint8 image tensors: random crop with padding + flip."""
     padding = 2 if info.image_size <= 28 else 4
     return v2.Compose([v2.RandomCrop(info.image_size, padding=padding), v2.RandomHorizontalFlip()])
 
 
-def check_available(config: DataConfig) -> None:
-    """Fail fast, before any actor starts, if the dataset cannot be read.
-
-    In-memory datasets are loaded (and cached for this process); image folders are
-    only checked for their train/ and val/ trees.
-    """
-    if config.name != "imagenet":
-        load_arrays(config)
-        return
-    for split in ("train", "val"):
-        if not (image_folder_root(config) / split).is_dir():
-            raise DataError(
-                f"data.root: no folder '{image_folder_root(config) / split}'; imagenet needs "
-                "<root>/train/<class>/<images> and <root>/val/<class>/<images>"
-            )
+def fashion_root(config: DataConfig) -> Path:
+    return FASHION_MNIST_ROOT if config.root is None else Path(config.root)
 
 
-def load_arrays(config: DataConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """(train images, labels), (test images, labels) as uint8 (N,C,H,W) and int64."""
-    if config.name == "synthetic":
-        s = config.synthetic
-        return _synthetic(s.channels, s.image_size, s.num_classes, s.train_size, s.test_size)
-    if config.name == "fashion_mnist":
-        return _fashion_mnist(str(fashion_root(config)), config.download)
+def fashion_mnist_arrays(config: DataConfig):
+    return _fashion_mnist(str(fashion_root(config)), config.download)
+
+
+def cifar_arrays(config: DataConfig):
     if config.root is None:
         raise DataError(
             f"data.root: {config.name} needs data.root (a folder holding the extracted "
@@ -276,8 +314,14 @@ def load_arrays(config: DataConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor
     return _cifar(config.name, str(config.root), config.download)
 
 
-def fashion_root(config: DataConfig) -> Path:
-    return FASHION_MNIST_ROOT if config.root is None else Path(config.root)
+def synthetic_info(config: DataConfig) -> DatasetInfo:
+    s = config.synthetic
+    return DatasetInfo(s.channels, s.num_classes, s.image_size, (0.5,) * s.channels, (0.25,) * s.channels)
+
+
+def synthetic_arrays(config: DataConfig):
+    s = config.synthetic
+    return _synthetic(s.channels, s.image_size, s.num_classes, s.train_size, s.test_size)
 
 
 @lru_cache(maxsize=2)
@@ -369,28 +413,53 @@ def _synthetic(channels: int, size: int, classes: int, n_train: int, n_test: int
 
 def image_folder_root(config: DataConfig) -> Path:
     if config.root is None:
-        raise DataError("data.root: imagenet needs data.root (a folder with train/ and val/ ImageFolder trees)")
+        raise DataError(f"data.root: {config.name} needs data.root (a folder with train/ and val/ ImageFolder trees)")
     return Path(config.root)
 
 
-def _load_folder_data(config: DataConfig, info: DatasetInfo, seed: int) -> PeerData:
+def image_folder_info(config: DataConfig) -> DatasetInfo:
+    """ImageNet's input facts, with as many classes as the train/ folder has."""
+    classes = [p for p in (image_folder_root(config) / "train").iterdir() if p.is_dir()]
+    info = IMAGENET_INFO
+    return DatasetInfo(info.channels, len(classes), info.image_size, info.mean, info.std)
+
+
+def check_image_folders(config: DataConfig) -> None:
+    for split in ("train", "val"):
+        if not (image_folder_root(config) / split).is_dir():
+            raise DataError(
+                f"data.root: no folder '{image_folder_root(config) / split}'; {config.name} needs "
+                "<root>/train/<class>/<images> and <root>/val/<class>/<images>"
+            )
+
+
+def load_image_folders(config: DataConfig, info: DatasetInfo, seed: int, pin_memory: bool) -> PeerData:
     from torchvision.datasets import ImageFolder
 
     root = image_folder_root(config)
     train_folder, test_folder = ImageFolder(root / "train"), ImageFolder(root / "val")
+    size = info.image_size
     normalise = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)]
-    train_tf = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), *normalise])
+    test_tf = v2.Compose([v2.Resize(size * 8 // 7), v2.CenterCrop(size), *normalise])
+    train_tf = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *normalise])
     if not config.augment:
-        train_tf = v2.Compose([v2.Resize(256), v2.CenterCrop(224), *normalise])
-    test_tf = v2.Compose([v2.Resize(256), v2.CenterCrop(224), *normalise])
-    pool = _subset(len(train_folder), config.train_subset, seed_for(seed, "train_subset"))
-    n_val = round(len(pool) * config.val_split)
-    train_idx, val_idx = pool[: len(pool) - n_val], pool[len(pool) - n_val :]
-    test_idx = _subset(len(test_folder), config.test_subset, seed_for(seed, "test_subset"))
+        train_tf = test_tf
+    train_idx, val_idx, test_idx = split_indices(len(train_folder), len(test_folder), config, seed)
+
+    def split(folder, indices: Tensor, transform: v2.Transform) -> FolderSplit:
+        return FolderSplit(folder, indices, transform, config.workers, pin_memory)
+
     return PeerData(
         info=info,
-        train=FolderSplit(train_folder, train_idx, train_tf, config.workers),
-        val=FolderSplit(train_folder, val_idx, test_tf, config.workers) if n_val else None,
-        test=FolderSplit(test_folder, test_idx, test_tf, config.workers),
+        train=split(train_folder, train_idx, train_tf),
+        val=split(train_folder, val_idx, test_tf) if len(val_idx) else None,
+        test=split(test_folder, test_idx, test_tf),
         plan=BatchPlan(len(train_idx), config.batch_size, seed),
     )
+
+
+DATASETS.add("fashion_mnist", in_memory(lambda config: FASHION_MNIST_INFO, fashion_mnist_arrays))
+DATASETS.add("cifar10", in_memory(lambda config: CIFAR10_INFO, cifar_arrays))
+DATASETS.add("cifar100", in_memory(lambda config: CIFAR100_INFO, cifar_arrays))
+DATASETS.add("imagenet", DatasetSpec(image_folder_info, load_image_folders, check_image_folders))
+DATASETS.add("synthetic", in_memory(synthetic_info, synthetic_arrays))

@@ -15,11 +15,9 @@ import os
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch import Tensor
 
-from .config import Config, ConfigError
+from .config import Config
 from .data import load_data, seed_for
 from .methods import Message, build_method
 from .models import create_model, model_block_info
@@ -40,21 +38,23 @@ class NonFiniteLossError(RuntimeError):
         return (NonFiniteLossError, (self.peer, self.step, self.term, self.value, self.bad_teachers))
 
 
-def process_accelerator(device: str, precision: str) -> Accelerator:
-    """The process's Accelerator (accelerate keeps one global state per process).
+def resolve_device(device: str) -> torch.device:
+    """``run.device``: "auto" is the GPU Ray (or the machine) gives this process, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
-    Peers sharing a process (the local backend) must agree on device and precision.
-    """
-    mixed = {"fp32": "no", "bf16": "bf16"}[precision]
-    if AcceleratorState._shared_state:
-        state = AcceleratorState()
-        if state.mixed_precision != mixed:
-            raise ConfigError(
-                f"run.precision: this process already trains at '{state.mixed_precision}'; "
-                "peers in one process must share a precision (use a new process or the ray backend)"
-            )
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed)
+
+def on_cpu(tree: Any) -> Any:
+    """A copy of a nest of dicts/lists/tuples with every tensor detached and on CPU, so
+    a driver on a CPU-only head node can deserialise what a GPU peer returns."""
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_cpu(v) for v in tree)
+    return tree
 
 
 class Peer:
@@ -67,10 +67,10 @@ class Peer:
             torch.set_num_threads(threads)
         self.index, self.config = index, config
         self.size = config.cohort.size
-        self.accelerator = process_accelerator(config.run.device, config.run.precision)
-        self.device = self.accelerator.device
+        self.device = resolve_device(config.run.device)
+        self.autocast_dtype = torch.bfloat16 if config.run.precision == "bf16" else None
         self.transport_dtype = TRANSPORT_DTYPES[config.cohort.transport_dtype]
-        self.data = load_data(config.data, config.run.seed)
+        self.data = load_data(config.data, config.run.seed, pin_memory=self.device.type == "cuda")
         self.method = build_method(config.method)
         self.pairing = make_pairing(config.cohort.pairing, config.run.seed)
         names = config.cohort.model_names
@@ -104,6 +104,11 @@ class Peer:
             torch.optim.Adam(critic, lr=self.config.method.disc_lr, betas=(0.5, 0.999)) if critic else None
         )
 
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for forward passes and losses (``run.precision``); a no-op in fp32."""
+        dtype = self.autocast_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
+
     def describe(self) -> dict[str, Any]:
         """Facts the driver needs once: schedule length, data shape, where it runs."""
         info = self.data.info
@@ -128,7 +133,7 @@ class Peer:
         self.extras.train()
         x, y = self.data.train_batch(step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with self.accelerator.autocast():
+        with self.autocast():
             output = self.model(x)
         self._pending = (step, output, y)
         message = self.method.message(output, self.index, step).to("cpu", self.transport_dtype)
@@ -145,24 +150,24 @@ class Peer:
 
         for p in self.critic_params:  # the peer's loss must not train its critics
             p.requires_grad_(False)
-        with self.accelerator.autocast():
+        with self.autocast():
             terms = self.method.losses(output, targets, teachers, self.extras)
         terms = self.method.ramp(terms, (step + 1) / self.data.plan.steps_per_epoch)
         total = sum(terms.values())
         logged = self._finite_floats(step, terms | {"loss": total}, teachers)
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(total)
+        total.backward()
         self.optimizer.step()
         for p in self.critic_params:
             p.requires_grad_(True)
 
         if self.critic_optimizer is not None:
-            with self.accelerator.autocast():
+            with self.autocast():
                 critic_terms = self.method.extras_step(output, teachers, self.extras)
             if critic_terms:
                 logged |= self._finite_floats(step, critic_terms, teachers)
                 self.critic_optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(sum(critic_terms.values()))
+                sum(critic_terms.values()).backward()
                 self.critic_optimizer.step()
         logged["top1"] = float((output.logits.argmax(1) == targets).float().mean())
         return logged
@@ -200,7 +205,7 @@ class Peer:
         if count:
             end = (epoch + 1) * self.data.plan.steps_per_epoch
             batches = (self.data.train_batch(step)[0].to(self.device) for step in range(end - count, end))
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.autocast():
                 torch.optim.swa_utils.update_bn(batches, self.model)
         self.scheduler.step()
 
@@ -214,7 +219,7 @@ class Peer:
         probabilities, labels, loss_sum = [], [], 0.0
         for x, y in self.data.eval_split(split).eval_batches():
             x, y = x.to(self.device), y.to(self.device)
-            with self.accelerator.autocast():
+            with self.autocast():
                 logits = self.model(x).logits.float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             probabilities.append(logits.softmax(1).cpu())
@@ -226,15 +231,18 @@ class Peer:
     # ------------------------------------------------------------------- state
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue bit-exactly: weights, optimizers, schedule, RNG."""
-        return {
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "extras": {k: v.detach().cpu() for k, v in self.extras.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "critic_optimizer": None if self.critic_optimizer is None else self.critic_optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
+        """Everything needed to continue bit-exactly (weights, optimizers, schedule, RNG),
+        all on CPU. ``load_state`` moves optimizer state back to the parameters' device."""
+        return on_cpu(
+            {
+                "model": self.model.state_dict(),
+                "extras": self.extras.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "critic_optimizer": None if self.critic_optimizer is None else self.critic_optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
+        )
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

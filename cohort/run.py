@@ -28,23 +28,6 @@ EXAMPLES = """examples:
 """
 
 
-# Keys a resumed run may override: where and how long it runs, not what it computes.
-RESUMABLE_KEYS = frozenset(
-    {
-        "optim.epochs",
-        "run.max_failures",
-        "run.checkpoint_every",
-        "run.threads",
-        "run.device",
-        "cohort.backend",
-        "cohort.cpus_per_peer",
-        "cohort.gpus_per_peer",
-        "cohort.max_steps_in_flight",
-        "data.workers",
-    }
-)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m cohort.run",
@@ -61,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace):
-    """The run's Config: a resumed run's own config.yaml, else --config + overrides."""
+    """The run's Config: a resumed run's own config.yaml plus overrides (which
+    ``cohort.train`` checks against the resume rule), else --config + overrides."""
     if args.resume is None:
         return load_config(args.config, args.overrides)
     if args.config is not None:
@@ -69,13 +53,6 @@ def resolve_config(args: argparse.Namespace):
     raw = read_yaml(args.resume / "config.yaml") if (args.resume / "config.yaml").is_file() else {}
     if not raw:
         raise ConfigError(f"--resume: {args.resume} holds no run (no config.yaml)")
-    for item in args.overrides:
-        key = item.partition("=")[0]
-        if key not in RESUMABLE_KEYS:
-            raise ConfigError(
-                f"--resume: {key} cannot change when resuming (the checkpoint fixes the training maths); "
-                f"keys that can: {', '.join(sorted(RESUMABLE_KEYS))}"
-            )
     for item in [*args.overrides, f"run.out_dir={args.resume}"]:
         apply_override(raw, item)
     return validate(raw)

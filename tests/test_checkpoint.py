@@ -10,17 +10,14 @@ import torch
 
 import cohort
 from cohort import checkpoint as ckpt
+from cohort.callbacks import OnEpoch
 from cohort.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from cohort.coordinator import Cohort, prepare_run_dir, train
 from cohort.data import load_data
 from cohort.peer import Peer
 from cohort.run import main
 
-from conftest import synthetic_config, tree_digest
-
-
-def quiet(line: str) -> None:
-    pass
+from helpers import quiet, synthetic_config, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +160,7 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
             raise StopAfter
 
     with pytest.raises(StopAfter):
-        Cohort(config, prepare_run_dir(config, resume=False), on_epoch=stop_after_epoch_two, log=quiet).fit()
+        Cohort(config, prepare_run_dir(config, resume=False), [OnEpoch(stop_after_epoch_two)], log=quiet).fit()
     run_dir = tmp_path / "stopped" / "run"
     assert latest_checkpoint(run_dir).name == "epoch_002" and not (run_dir / "best_peer.safetensors").exists()
 

@@ -12,7 +12,7 @@ from cohort.config import METHOD_CONFIGS, Config, ConfigError, load_config
 from cohort.methods import list_methods
 from cohort.run import main
 
-from conftest import REPO
+from helpers import REPO
 
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
 

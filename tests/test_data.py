@@ -14,7 +14,7 @@ from cohort.config import load_config
 from cohort.data import BatchPlan, DataError, load_data, read_idx
 from cohort.run import main
 
-from conftest import REPO, synthetic_config
+from helpers import REPO, synthetic_config
 
 BATCH_DIGEST_SCRIPT = """
 import hashlib, sys

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import synthetic_config
+from helpers import synthetic_config
 
 pytestmark = pytest.mark.gpu
 
@@ -24,3 +24,26 @@ def test_peer_trains_on_the_gpu_in_bf16_and_publishes_cpu_messages():
     terms = learner.learn(0, message)
     assert all(math.isfinite(v) for v in terms.values())
     assert next(learner.model.parameters()).is_cuda
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_a_cohort_shares_one_gpu_and_the_driver_reads_its_checkpoint_on_cpu(tmp_path):
+    """Two peers on half a GPU each; everything they return to the driver (state,
+    evaluation) is on CPU, so a CPU-only head node can read the checkpoint."""
+    import ray
+    import torch
+
+    from cohort.checkpoint import latest_checkpoint, load_checkpoint, load_peer
+    from cohort.coordinator import train
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the shared Ray instance was started without a GPU")
+    config = synthetic_config(tmp_path, "cohort.backend=ray", "cohort.gpus_per_peer=0.5", "method.name=amln")
+    result = train(config, log=lambda line: None)
+    states, _ = load_checkpoint(latest_checkpoint(result.run_dir))
+    tensors = [t for state in states for t in state["model"].values()]
+    tensors += [v for state in states for s in state["optimizer"]["state"].values() for v in s.values()]
+    assert tensors and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    model = load_peer(result.best_peer_path, device="cpu")
+    assert next(model.parameters()).device.type == "cpu"

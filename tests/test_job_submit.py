@@ -4,6 +4,7 @@ the README's cluster section tells a user to do it."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,12 +36,17 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.fixture
 def ray_head():
-    """A separate Ray head (its own ports and temp dir, so the test session's Ray is
-    untouched), stopped by signalling its process group rather than `ray stop`, which
+    """A separate Ray head (its own ports, temp dir and auth token, so the test
+    session's Ray and the user's ~/.ray are untouched) with token authentication on,
+    as the README sets it up; yields (dashboard address, the environment a client
+    needs). Stopped by signalling its process group rather than `ray stop`, which
     would stop every Ray instance on the machine."""
     gcs, dashboard, agent, client = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="cohort-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = os.environ | {"RAY_DISABLE_USAGE_STATS": "1", "COHORT_PROGRESS": "0"}
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes to ~/.ray/auth_token
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = os.environ | auth | {"RAY_DISABLE_USAGE_STATS": "1", "COHORT_PROGRESS": "0"}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
          f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
@@ -55,7 +61,7 @@ def ray_head():
     assert head.poll() is None, "ray start --head failed:\n" + "".join(seen)
     threading.Thread(target=seen.extend, args=(head.stdout,), daemon=True).start()  # keep the pipe drained
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield f"http://127.0.0.1:{dashboard}", auth
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
@@ -67,15 +73,17 @@ def ray_head():
 
 
 def test_job_submitted_to_a_local_head_trains_and_writes_its_outputs(ray_head, tmp_path):
+    address, auth = ray_head
     out_dir = tmp_path / "job-run"
     command = [
-        RAY, "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+        RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
         "python", "-m", "cohort.run", "--config", "configs/amln_fashion.yaml",
         "data.name=synthetic", "data.train_subset=null",
         "data.synthetic.train_size=64", "data.synthetic.test_size=32", "data.batch_size=16",
         "optim.epochs=1", "optim.milestones=[]", f"run.out_dir={out_dir}",
     ]  # fmt: skip
-    env = os.environ | {"RAY_AUTH_MODE": "token"}  # what the README tells users to set
+    env = os.environ | auth  # RAY_AUTH_MODE=token, as the README tells users to set, and the head's token
+    assert auth["RAY_AUTH_MODE"] == "token"
     env.pop("RAY_ADDRESS", None)
     job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     log = job.stdout + job.stderr

@@ -19,7 +19,7 @@ from cohort.models.base import Output
 from cohort.pairing import list_pairings
 from cohort.peer import Peer
 
-from conftest import REPO, synthetic_config
+from helpers import REPO, synthetic_config
 
 GOLDEN = REPO / "tests" / "golden" / "losses.json"
 METHOD_VARIANTS = {
@@ -169,6 +169,41 @@ def test_rampup_weight():
     terms = {"ce": torch.tensor(2.0), "kl": torch.tensor(2.0)}
     ramped = method.ramp(terms, 0.5)
     assert float(ramped["ce"]) == 2.0 and float(ramped["kl"]) == pytest.approx(2.0 * rampup_weight(0.5, 1.0))
+
+
+def test_vanilla_publishes_nothing():
+    _, own, _, _ = fixed_inputs()
+    message = build_method(load_config(None, ["method.name=vanilla"]).method).message(own, 0, 0)
+    assert message.tensors() == []
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_term_a_method_returns_is_declared(method):
+    config = synthetic_config(None, f"method.name={method}")
+    learned = run_steps(config, steps=1)[0]
+    declared = build_method(config.method)
+    names = declared.supervised_terms | declared.distillation_terms | declared.critic_terms
+    assert set(learned) - {"loss", "top1"} <= names
+
+
+def test_an_undeclared_term_is_an_error_not_a_silently_ramped_term():
+    from cohort.methods.dml import DML
+
+    class Sneaky(DML):
+        def losses(self, output, targets, teachers, extras):
+            return super().losses(output, targets, teachers, extras) | {"ce_aux": output.logits.sum() * 0}
+
+    method = Sneaky(load_config(None, ["method.name=dml"]).method)
+    with pytest.raises(TypeError, match=r"undeclared term\(s\) \['ce_aux'\]; declare each in supervised_terms"):
+        method.ramp({"ce": torch.tensor(1.0), "ce_aux": torch.tensor(1.0)}, 0.5)
+
+
+@pytest.mark.parametrize("reserved", ["loss", "top1"])
+def test_a_term_named_like_a_logged_value_is_refused_when_the_method_is_defined(reserved):
+    from cohort.methods.base import Method
+
+    with pytest.raises(TypeError, match=f"may not be named \\['{reserved}'\\]"):
+        type("Clash", (Method,), {"distillation_terms": frozenset({reserved})})
 
 
 # ---------------------------------------------------------------- peers in a cohort

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 
 import pytest
 import torch
 
+from cohort.callbacks import OnStep
 from cohort.checkpoint import latest_checkpoint, load_checkpoint
 from cohort.config import ConfigError
 from cohort.coordinator import Cohort, prepare_run_dir, train
 
-from conftest import synthetic_config, tree_digest
+from helpers import kill_peer, quiet, synthetic_config, tree_digest
 
 pytestmark = pytest.mark.ray
 
@@ -44,17 +43,6 @@ def alive_actors() -> list:
     import ray
 
     return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
-
-
-def kill_peer(cohort: Cohort, j: int) -> int:
-    """SIGKILL peer ``j``'s actor process, as a crashed node would; returns its pid."""
-    pid = cohort.backend.get([cohort.backend.call(j, "describe")])[0]["pid"]
-    os.kill(pid, signal.SIGKILL)
-    return pid
-
-
-def quiet(line: str) -> None:
-    pass
 
 
 @pytest.mark.usefixtures("ray_session", "one_thread")
@@ -107,7 +95,7 @@ def test_killed_peer_is_rebuilt_from_the_checkpoint_and_ends_like_an_uninterrupt
         if not killed and step == steps_per_epoch + 1:  # epoch 2, second step
             killed.append(kill_peer(cohort, 1))
 
-    cohort.on_step = kill_peer_one_mid_epoch_two
+    cohort.callbacks.append(OnStep(kill_peer_one_mid_epoch_two))
     cohort.fit()
     assert killed, "the peer was never killed"
     assert cohort.failures == 1
@@ -157,7 +145,7 @@ def fake_cluster_config(*overrides: str):
 
 
 def test_peers_get_one_gpu_each_when_the_cluster_has_gpus_else_a_cpu_share():
-    from cohort.coordinator import check_resources
+    from cohort.backends import check_resources
 
     gpu_node = {"CPU": 16.0, "GPU": 4.0}
     assert check_resources(fake_cluster_config(), gpu_node, [gpu_node]) == (1.0, 1.0)
@@ -168,7 +156,7 @@ def test_peers_get_one_gpu_each_when_the_cluster_has_gpus_else_a_cpu_share():
 
 
 def test_a_peer_too_big_for_every_single_node_is_refused():
-    from cohort.coordinator import check_resources
+    from cohort.backends import check_resources
 
     nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
     with pytest.raises(ConfigError, match="no single Ray node has 3 CPUs"):
@@ -187,7 +175,7 @@ def test_driver_holds_a_bounded_number_of_objects_over_a_run(tmp_path):
     cohort = Cohort(config, prepare_run_dir(config, resume=False), log=quiet)
     owned: list[int] = []
     core_worker = ray._private.worker.global_worker.core_worker
-    cohort.on_step = lambda step: owned.append(len(core_worker.get_all_reference_counts()))
+    cohort.callbacks.append(OnStep(lambda step: owned.append(len(core_worker.get_all_reference_counts()))))
     result = cohort.fit()
     assert len(owned) == 16  # 64 images / batch 4
     in_flight = config.cohort.max_steps_in_flight
@@ -207,7 +195,7 @@ def test_failures_beyond_max_failures_stop_the_run_and_point_to_resume(tmp_path)
         if step == 1:
             kill_peer(cohort, 0)
 
-    cohort.on_step = kill_peer_zero
+    cohort.callbacks.append(OnStep(kill_peer_zero))
     with pytest.raises(TrainingStopped, match=r"peer 0's actor died .*giving up after 0 recoveries .*--resume"):
         cohort.fit()
     assert alive_actors() == []

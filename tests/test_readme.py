@@ -35,7 +35,7 @@ def test_docs_the_readme_links_exist():
 def test_cluster_section_shows_the_commands_tests_exercise():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## On a Ray cluster", 1)[1].split("\n## ", 1)[0]
-    assert "ray start --head" in section
+    assert "ray get-auth-token --generate" in section and "RAY_AUTH_MODE=token ray start --head" in section
     assert "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . --" in section
     job_test = (ROOT / "tests" / "test_job_submit.py").read_text()
     assert '"RAY_AUTH_MODE": "token"' in job_test and '"--working-dir"' in job_test

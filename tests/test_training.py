@@ -9,7 +9,7 @@ from cohort.config import load_config
 from cohort.coordinator import train
 from cohort.run import main
 
-from conftest import synthetic_config
+from helpers import synthetic_config
 
 # 2,000 training images, one epoch. Small batches give the peers 250 steps; without
 # augmentation vanilla's one-epoch ceiling is ~70% here (with it ~65%), which leaves

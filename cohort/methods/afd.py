@@ -24,6 +24,8 @@ from .extras import FeatureDiscriminator
 
 class AFD(Method):
     publishes = ("logits", "blocks")
+    distillation_terms = frozenset({"kl", "adv"})
+    critic_terms = frozenset({"disc"})
 
     def message(self, output, source, step):
         """Only the last block's map travels: AFD reads nothing else."""

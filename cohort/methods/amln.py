@@ -27,6 +27,8 @@ from .extras import AlignmentContainer, FeatureDiscriminator
 
 class AMLN(Method):
     publishes = ("logits", "blocks")
+    distillation_terms = frozenset({"kl", "feat", "adv"})
+    critic_terms = frozenset({"disc"})
 
     def build_extras(self, own, teachers, num_classes):
         cfg = self.config

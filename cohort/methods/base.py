@@ -88,11 +88,34 @@ def _tensor_from_wire(value: Tensor | np.ndarray) -> Tensor:
     return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor
 
 
+RESERVED_TERMS = frozenset({"loss", "top1"})  # what Peer.learn logs beside the terms
+
+
 class Method:
-    """Base of every method. Subclasses set ``publishes`` and implement ``losses``."""
+    """Base of every method. Subclasses set ``publishes``, declare the names of the
+    terms ``losses`` returns, and implement ``losses``.
+
+    Every term is declared once: ``supervised_terms`` (label terms, never ramped),
+    ``distillation_terms`` (scaled by the ramp-up) or ``critic_terms`` (returned by
+    ``extras_step``). An undeclared term is an error at its first step, not a term
+    silently ramped; a declared name that Peer.learn logs itself is an error at import.
+    """
 
     publishes: ClassVar[tuple[str, ...]] = ("logits",)
-    supervised_terms: ClassVar[frozenset[str]] = frozenset({"ce"})  # never ramped
+    supervised_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
+    distillation_terms: ClassVar[frozenset[str]] = frozenset()
+    critic_terms: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = [cls.supervised_terms, cls.distillation_terms, cls.critic_terms]
+        clash = set().union(*declared) & RESERVED_TERMS
+        if clash:
+            raise TypeError(f"{cls.__name__}: loss terms may not be named {sorted(clash)} (Peer.learn logs those)")
+        if sum(len(names) for names in declared) != len(set().union(*declared)):
+            raise TypeError(
+                f"{cls.__name__}: a loss term is declared in more than one of supervised/distillation/critic"
+            )
 
     def __init__(self, config) -> None:
         self.config = config
@@ -121,10 +144,16 @@ class Method:
     def ramp(self, terms: dict[str, Tensor], epochs_done: float) -> dict[str, Tensor]:
         """Scale every distillation term by the ramp-up weight at ``epochs_done``
         (fractional epochs since the start); supervised terms are left alone."""
+        undeclared = terms.keys() - self.supervised_terms - self.distillation_terms
+        if undeclared:
+            raise TypeError(
+                f"{type(self).__name__}.losses returned undeclared term(s) {sorted(undeclared)}; declare each in "
+                "supervised_terms (never ramped) or distillation_terms (ramped up)"
+            )
         weight = rampup_weight(epochs_done, getattr(self.config, "rampup_epochs", 0.0))
         if weight == 1.0:
             return terms
-        return {k: v if k in self.supervised_terms else weight * v for k, v in terms.items()}
+        return {k: weight * v if k in self.distillation_terms else v for k, v in terms.items()}
 
     def critic_parameters(self, extras: nn.ModuleDict) -> list[nn.Parameter]:
         """Extras trained by ``extras_step`` with their own optimizer (discriminators)."""

@@ -13,6 +13,7 @@ from .base import Method, mean_over_teachers
 
 class DML(Method):
     publishes = ("logits",)
+    distillation_terms = frozenset({"kl"})
 
     def losses(self, output, targets, teachers, extras):
         cfg = self.config

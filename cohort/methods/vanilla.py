@@ -7,7 +7,7 @@ from .base import Method
 
 
 class Vanilla(Method):
-    publishes = ("logits",)  # for the cohort's ensemble only; no peer reads it
+    publishes = ()  # no peer reads anything; the ensemble is computed from evaluation
 
     def losses(self, output, targets, teachers, extras):
         return {"ce": L.cross_entropy(output.logits, targets)}  # eq. 5
