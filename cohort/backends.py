@@ -148,6 +148,14 @@ class RayBackend:
         first_line = str(cause).splitlines()[0] if str(cause) else ""
         return PeerFailure(f"peer {j} raised {type(cause).__name__}: {first_line}")
 
+    def placement_groups(self) -> list[str]:
+        """The placement group each peer's actor runs in (hex ids), asked of the actors."""
+        ask = [
+            a.__ray_call__.remote(lambda _: self._ray.get_runtime_context().get_placement_group_id())
+            for a in self.actors
+        ]
+        return [str(group) for group in self._ray.get(ask)]
+
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):
             self._ray.kill(actor)

@@ -276,6 +276,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         raise ConfigError(f"{key}: cannot parse value '{text}'") from None
+    set_dotted(raw, key, value)
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw["a"]["b"]["c"] = value`` for ``key`` "a.b.c", creating sections as needed."""
     node = raw
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):

@@ -122,7 +122,9 @@ class Cohort:
         self.backend = None
         try:
             self.start_backend()
-        except (ClusterGone, ConfigError) as error:  # the config fitted at the start: the cluster changed
+        except Exception as error:  # the config fitted at the start: the cluster is gone or changed
+            if not isinstance(error, (ClusterGone, ConfigError)):
+                error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             raise TrainingStopped(
                 f"{failure}, and the cohort cannot be rebuilt: {error}; the run keeps {kept}; "
                 f"resume with --resume {self.run_dir} once the cluster is back"
@@ -247,6 +249,9 @@ class Cohort:
         path = self.run_dir / "best_peer.safetensors"
         metadata = [self.peer_metadata(j) for j in range(self.size)]
         best, score, split = export_best_peer(path, frame, states, metadata)
+        from .report import write_curves  # matplotlib loads only when a run ends
+
+        write_curves(self.run_dir)
         final = epoch_values(frame, int(frame["epoch"].max()))
         return RunResult(
             run_dir=self.run_dir,

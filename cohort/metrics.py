@@ -83,3 +83,19 @@ def epoch_table(frame: pl.DataFrame, split: str, metric: str) -> pl.DataFrame:
     """Epochs down, peers across: one metric on one split."""
     rows = frame.filter((pl.col("split") == split) & (pl.col("metric") == metric) & pl.col("peer").is_not_null())
     return rows.pivot(on="peer", index="epoch", values="value", sort_columns=True).sort("epoch")
+
+
+def markdown_table(frame: pl.DataFrame, percent: list[str] = (), digits: int = 2) -> str:
+    """A GitHub markdown table of ``frame``; ``percent`` columns (fractions) shown as %."""
+    shown = frame.with_columns([(pl.col(c) * 100).round(digits) for c in percent if c in frame.columns])
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+        tbl_rows=-1,
+        tbl_cols=-1,
+        tbl_width_chars=10_000,
+        fmt_str_lengths=200,
+        float_precision=digits,
+    ):
+        return str(shown)

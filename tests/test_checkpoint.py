@@ -199,3 +199,27 @@ def test_resume_refuses_overrides_that_would_change_the_maths(finished_run, caps
     assert err.startswith("error: --resume: optim.lr cannot change when resuming") and "optim.epochs" in err
     assert len(err.splitlines()) == 1
     assert tree_digest(result.run_dir) == before
+
+
+def test_every_run_draws_its_curves_and_the_report_command_redraws_them(finished_run, capsys):
+    import matplotlib.image
+
+    from cohort.report import main as report
+
+    _, result = finished_run
+    curves = result.run_dir / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves.unlink()
+    assert report([str(result.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "train loss" in out and "test top-1 %" in out
+    assert "| ensemble |" in out and f"curves: {curves}" in out
+    pixels = matplotlib.image.imread(curves)
+    assert pixels.shape[0] > 300 and pixels.std() > 0.01  # drawn, not blank
+
+
+def test_report_of_a_folder_without_metrics_is_one_line(tmp_path, capsys):
+    from cohort.report import main as report
+
+    assert report([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: no metrics.parquet (not a cohort run folder)"

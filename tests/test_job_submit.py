@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A separate Ray head (its own ports, temp dir and auth token, so the test
     session's Ray and the user's ~/.ray are untouched) with token authentication on,
@@ -93,3 +94,37 @@ def test_job_submitted_to_a_local_head_trains_and_writes_its_outputs(ray_head, t
     for name in ("config.yaml", "metrics.parquet", "best_peer.safetensors", "checkpoints/epoch_001/meta.json"):
         assert (out_dir / name).is_file(), name
     assert set(pl.read_parquet(out_dir / "metrics.parquet")["peer"].drop_nulls()) == {0, 1}
+
+
+def test_a_sweep_submitted_as_a_job_runs_its_trials_on_the_cluster(ray_head, tmp_path):
+    address, auth = ray_head
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "job-sweep",
+                "base": {
+                    "data": {"name": "synthetic", "train_subset": None, "batch_size": 16},
+                    "method": {"name": "dml"},
+                    "optim": {"epochs": 1, "milestones": []},
+                },
+                "fixed": {"cohort.cpus_per_peer": 0.5},
+                "space": {"method.temperature": {"grid": [2.0, 4.0]}},
+                "out_dir": str(tmp_path / "sweep"),
+            }
+        )
+    )
+    command = [
+        RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+        "python", "-m", "tuning.sweep", "--config", str(sweep_file),
+    ]  # fmt: skip
+    env = os.environ | auth
+    env.pop("RAY_ADDRESS", None)
+    job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log
+    assert "succeeded" in log and "Connecting to existing Ray cluster" in log, log
+    results = pl.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert sorted(results["method.temperature"].to_list()) == [2.0, 4.0]
+    assert results["status"].to_list() == ["done", "done"]
+    assert (tmp_path / "sweep" / "best_peer.safetensors").is_file()

@@ -1,0 +1,126 @@
+"""A finished sweep's outputs: results.parquet/.md (one row per trial), summary.md
+(mean ± std over seeds per configuration), sweep.png and the best peer.
+
+Everything is read from what trials reported to Tune and from their Tune
+checkpoints, so it works when trials ran on other nodes. Trials are ranked on the
+sweep's validation metric only; test accuracy is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from cohort.checkpoint import latest_checkpoint, load_checkpoint
+from cohort.export import export_best_peer
+from cohort.metrics import markdown_table, read_metrics
+
+from .schema import SweepConfig
+
+SEED_KEY = "run.seed"
+
+
+@dataclass
+class SweepSummary:
+    table: str  # results.md's table, for printing
+    best_peer_path: Path | None
+    failed: int  # trials that ended in an error
+
+
+def trial_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        row: dict[str, Any] = {"trial": str(metrics.get("trial_id", Path(result.path).name))}
+        row |= {key: config.get(key) for key in sweep.space}
+        epochs = int(metrics.get("epoch", 0) or 0)
+        row["status"] = "error" if result.error else "done"
+        row["epochs"] = epochs
+        for name, value in sorted(metrics.items()):
+            if name.startswith(("val_", "test_")):
+                row[name] = float(value)
+        rows.append(row)
+    return rows
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    frame = pl.DataFrame(rows, infer_schema_length=None)
+    first = ["trial", *[c for c in frame.columns if c not in ("trial",) and not c.startswith(("val_", "test_"))]]
+    scores = sorted(c for c in frame.columns if c.startswith(("val_", "test_")))
+    return frame.select(first + scores)
+
+
+def mark_stopped_early(frame: pl.DataFrame, epochs: int) -> pl.DataFrame:
+    """ASHA's stops show as trials that ended without error before the last epoch."""
+    return frame.with_columns(
+        pl.when((pl.col("status") != "error") & (pl.col("epochs") < epochs))
+        .then(pl.lit("stopped early"))
+        .otherwise(pl.col("status"))
+        .alias("status")
+    )
+
+
+def seed_summary(frame: pl.DataFrame, sweep: SweepConfig) -> pl.DataFrame:
+    """Mean ± std over ``run.seed`` (or over repeated samples) per configuration."""
+    keys = [k for k in sweep.space if k != SEED_KEY and k in frame.columns]
+    scores = [c for c in (sweep.metric, "test_top1_mean", "test_top1_best", "test_ensemble_top1") if c in frame.columns]
+    finished = frame.filter(pl.col("status") != "error")
+    if finished.is_empty():
+        return pl.DataFrame()
+    grouped = finished.group_by(keys or pl.lit(0).alias("all"), maintain_order=True).agg(
+        pl.len().alias("trials"),
+        *[
+            pl.format(
+                "{} ± {}", (100 * pl.col(c).mean()).round(2), (100 * pl.col(c).std().fill_null(0.0)).round(2)
+            ).alias(c)
+            for c in scores
+        ],
+    )
+    return grouped.drop("all") if not keys else grouped
+
+
+def export_sweep_best(grid, sweep: SweepConfig, sweep_dir: Path) -> Path | None:
+    """The best trial's best peer, with that trial's config in the file's metadata."""
+    try:
+        best = grid.get_best_result(metric=sweep.metric, mode="max", filter_nan_and_inf=True)
+    except RuntimeError:
+        return None
+    if best.checkpoint is None:
+        return None
+    with best.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        states, meta = load_checkpoint(latest_checkpoint(folder))
+        frame = read_metrics(folder / "metrics.parquet")
+        frame = frame.filter(pl.col("epoch") <= meta["epoch"])
+        peers = [
+            peer | {"trial": Path(best.path).name, "trial_config": json.dumps(meta["config"])} for peer in meta["peers"]
+        ]
+        path = sweep_dir / "best_peer.safetensors"
+        export_best_peer(path, frame, states, peers)
+    return path
+
+
+def write_results(grid, sweep: SweepConfig, sweep_dir: Path) -> SweepSummary:
+    from .plots import write_sweep_plot
+
+    rows = trial_rows(grid, sweep)
+    frame = results_frame(rows)
+    epochs = max((row["epochs"] for row in rows), default=0)
+    frame = mark_stopped_early(frame, epochs)
+    frame.write_parquet(sweep_dir / "results.parquet")
+    table = markdown_table(frame, percent=[c for c in frame.columns if c.startswith(("val_", "test_"))])
+    (sweep_dir / "results.md").write_text(f"# Sweep {sweep.name}: one row per trial\n\n{table}\n")
+    summary = seed_summary(frame, sweep)
+    (sweep_dir / "summary.md").write_text(
+        f"# Sweep {sweep.name}: mean ± std over seeds (top-1, %), ranked on {sweep.metric}\n\n"
+        + (markdown_table(summary) if not summary.is_empty() else "no finished trials")
+        + "\n"
+    )
+    write_sweep_plot(frame, sweep, sweep_dir / "sweep.png")
+    best = export_sweep_best(grid, sweep, sweep_dir)
+    return SweepSummary(table=table, best_peer_path=best, failed=int((frame["status"] == "error").sum()))
