@@ -59,9 +59,7 @@ class DataConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(DATASETS.unknown_message(name))
-        return name
+        return DATASETS.validate(name)
 
 
 # --------------------------------------------------------------------------- cohort
@@ -81,16 +79,13 @@ class CohortConfig(Section):
     @classmethod
     def _known_models(cls, models: str | list[str]) -> str | list[str]:
         for name in [models] if isinstance(models, str) else models:
-            if name not in MODELS:
-                raise ValueError(MODELS.unknown_message(name))
+            MODELS.validate(name)
         return models
 
     @field_validator("pairing")
     @classmethod
     def _known_pairing(cls, pairing: str) -> str:
-        if pairing not in PAIRINGS:
-            raise ValueError(PAIRINGS.unknown_message(pairing))
-        return pairing
+        return PAIRINGS.validate(pairing)
 
     @model_validator(mode="after")
     def _one_model_per_peer(self) -> CohortConfig:
@@ -197,7 +192,9 @@ class RunConfig(Section):
     out_dir: Path | None = None  # None: runs/<timestamp>-<method>
     checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints
     max_failures: int = Field(2, ge=0)  # peer-actor failures survived by rebuilding
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # auto: bf16 where the CPU or GPU has it natively
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"  # layout of models, batches, messages
+    compile: bool = False  # torch.compile each peer's model once per process
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch threads in the local backend
     precise_bn_batches: int = Field(16, ge=0)  # BN stats re-estimated on this many training batches before eval

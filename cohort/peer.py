@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a GPU that supports it, or a
+    CPU with AVX-512 BF16 or AMX (read from /proc/cpuinfo; False where it is absent)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``run.precision``: "auto" is bf16 where ``device`` has it natively, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
 def on_cpu(tree: Any) -> Any:
     """A copy of a nest of dicts/lists/tuples with every tensor detached and on CPU, so
     a driver on a CPU-only head node can deserialise what a GPU peer returns."""
@@ -68,7 +91,9 @@ class Peer:
         self.index, self.config = index, config
         self.size = config.cohort.size
         self.device = resolve_device(config.run.device)
-        self.autocast_dtype = torch.bfloat16 if config.run.precision == "bf16" else None
+        self.precision = resolve_precision(config.run.precision, self.device)
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.memory_format = MEMORY_FORMATS[config.run.memory_format]
         self.transport_dtype = TRANSPORT_DTYPES[config.cohort.transport_dtype]
         self.data = load_data(config.data, config.run.seed, pin_memory=self.device.type == "cuda")
         self.method = build_method(config.method)
@@ -79,8 +104,10 @@ class Peer:
             torch.manual_seed(seed_for(config.run.seed, "init", index))  # peers start apart
             self.model = create_model(names[index], self.data.info.num_classes, self.data.info.channels)
             self.extras = self.method.build_extras(self.model.block_info, teachers, self.data.info.num_classes)
-        self.model.to(self.device)
-        self.extras.to(self.device)
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.extras.to(self.device, memory_format=self.memory_format)
+        if config.run.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay the same
         self._build_optimizers()
         self._pending: tuple[int, Any, Tensor] | None = None
 
@@ -109,12 +136,18 @@ class Peer:
         dtype = self.autocast_dtype or torch.float32
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
+    def batch_on_device(self, x: Tensor) -> Tensor:
+        return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+
     def describe(self) -> dict[str, Any]:
         """Facts the driver needs once: schedule length, data shape, where it runs."""
         info = self.data.info
         return {
             "pid": os.getpid(),
             "device": str(self.device),
+            "precision": self.precision,
+            "memory_format": self.config.run.memory_format,
+            "compiled": self.config.run.compile,
             "steps_per_epoch": self.data.plan.steps_per_epoch,
             "train_size": len(self.data.train),
             "has_val": self.data.val is not None,
@@ -132,7 +165,7 @@ class Peer:
         self.model.train()
         self.extras.train()
         x, y = self.data.train_batch(step)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = self.batch_on_device(x), y.to(self.device, non_blocking=True)
         with self.autocast():
             output = self.model(x)
         self._pending = (step, output, y)
@@ -204,7 +237,7 @@ class Peer:
         count = min(self.config.run.precise_bn_batches, self.data.plan.steps_per_epoch)
         if count:
             end = (epoch + 1) * self.data.plan.steps_per_epoch
-            batches = (self.data.train_batch(step)[0].to(self.device) for step in range(end - count, end))
+            batches = (self.batch_on_device(self.data.train_batch(step)[0]) for step in range(end - count, end))
             with torch.no_grad(), self.autocast():
                 torch.optim.swa_utils.update_bn(batches, self.model)
         self.scheduler.step()
@@ -218,7 +251,7 @@ class Peer:
         self.model.eval()
         probabilities, labels, loss_sum = [], [], 0.0
         for x, y in self.data.eval_split(split).eval_batches():
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self.batch_on_device(x), y.to(self.device)
             with self.autocast():
                 logits = self.model(x).logits.float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))

@@ -54,6 +54,12 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
 
+    def validate(self, name: str) -> str:
+        """``name`` if registered, else a ValueError naming what is valid (for pydantic validators)."""
+        if name not in self._items:
+            raise ValueError(self.unknown_message(name))
+        return name
+
     def unknown_message(self, name: str) -> str:
         valid = self.names()
         return f"unknown {self.kind} '{name}'{suggest(str(name), valid)}; valid: {', '.join(valid)}"

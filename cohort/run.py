@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, apply_override, load_config, read_yaml, validate
 from .coordinator import TrainingStopped, train
 from .data import DataError, dataset_info
-from .peer import NonFiniteLossError
+from .peer import NonFiniteLossError, resolve_device, resolve_precision
 
 EXAMPLES = """examples:
   python -m cohort.run                                   # the embedded default
@@ -63,10 +63,15 @@ def describe_plan(config) -> str:
     models = c.models if isinstance(c.models, str) else "/".join(c.models)
     info = dataset_info(d)
     subset = f", first {d.train_subset} training images" if d.train_subset else ""
+    r = config.run
+    precision = r.precision
+    if precision == "auto":
+        precision = f"auto: {resolve_precision('auto', resolve_device(r.device))} here"
     return (
         f"training a {c.size}-peer {m.name} cohort ({models}, {c.pairing} pairing) on {d.name} "
         f"({info.channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes{subset}) "
-        f"for {config.optim.epochs} epoch(s), backend {c.backend}"
+        f"for {config.optim.epochs} epoch(s), backend {c.backend}, precision {precision}, "
+        f"{r.memory_format.replace('_', '-')}{', compiled' if r.compile else ''}"
     )
 
 

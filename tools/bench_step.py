@@ -5,7 +5,9 @@ synthetic images (the data's content does not change the cost). The teacher's
 message comes from a second peer, as in a 2-peer cyclic cohort; only the learning
 peer's publish + learn is timed. AMLN's ablation cases show where its extra time goes.
 
-    python tools/bench_step.py [--steps 20] [--threads 1]
+    python tools/bench_step.py [--steps 20] [--threads 1] [--memory-format channels_last|contiguous]
+                               [--precision fp32|bf16|auto] [--compile]
+    python tools/bench_step.py --matrix      # every method x {contiguous, channels-last} x {fp32, bf16}
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ BASE = [
     "data.synthetic.test_size=16",
     "data.batch_size=128",
 ]
+
+
+LAYOUTS_AND_PRECISIONS = {
+    "NCHW fp32": ["run.memory_format=contiguous", "run.precision=fp32"],
+    "channels-last fp32": ["run.memory_format=channels_last", "run.precision=fp32"],
+    "NCHW bf16": ["run.memory_format=contiguous", "run.precision=bf16"],
+    "channels-last bf16": ["run.memory_format=channels_last", "run.precision=bf16"],
+}
 
 
 def build(overrides: list[str]) -> tuple[Peer, Peer]:
@@ -74,16 +84,50 @@ def time_interleaved(variants: dict[str, list[str]], steps: int, warmup: int = 3
     return {name: statistics.median(t[warmup:]) for name, t in times.items()}
 
 
+def first_step_seconds(overrides: list[str]) -> float:
+    """Seconds of a fresh peer's first publish + learn (includes torch.compile's work)."""
+    learner, teacher = build(overrides)
+    return timed_step(learner, teacher, 0)
+
+
+def print_matrix(steps: int, threads: int, extra: list[str]) -> None:
+    variants = {
+        (method, layout): [*overrides, *chosen, *extra]
+        for method, overrides in VARIANTS.items()
+        for layout, chosen in LAYOUTS_AND_PRECISIONS.items()
+    }
+    results = time_interleaved(variants, steps)
+    base = results[("vanilla", "NCHW fp32")]
+    columns = list(LAYOUTS_AND_PRECISIONS)
+    print(f"step ms (x vanilla NCHW fp32); batch 128, {threads} thread(s), median of {steps} steps, interleaved")
+    print("| method | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for method in VARIANTS:
+        cells = [f"{1000 * results[(method, c)]:.0f} ({results[(method, c)] / base:.2f})" for c in columns]
+        print(f"| {method} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each peer's model")
+    parser.add_argument("--matrix", action="store_true", help="every method x layout x precision, one table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = time_interleaved(VARIANTS, args.steps)
+    extra = ["run.compile=true"] if args.compile else []
+    if args.compile:
+        print(f"first step with compile (vanilla): {first_step_seconds(['method.name=vanilla', *extra]):.1f} s")
+    if args.matrix:
+        print_matrix(args.steps, args.threads, extra)
+        return
+    chosen = [f"run.memory_format={args.memory_format}", f"run.precision={args.precision}", *extra]
+    results = time_interleaved({name: [*overrides, *chosen] for name, overrides in VARIANTS.items()}, args.steps)
     base = results["vanilla"]
     print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} "
-          "steps, variants interleaved)")  # fmt: skip
+          f"steps, variants interleaved; {' '.join(chosen)})")  # fmt: skip
     print("| --- | ---: | ---: |")
     for name, seconds in results.items():
         print(f"| {name} | {1000 * seconds:.0f} | {seconds / base:.2f} |")

@@ -37,7 +37,7 @@ class Message:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Message:
         """A copy with every tensor detached, moved and cast (for transport or use)."""
-        return self.map(lambda t: t.detach().to(device=device, dtype=dtype).contiguous())
+        return self.map(lambda t: dense(t.detach().to(device=device, dtype=dtype)))
 
     def detached(self) -> Message:
         return self.map(Tensor.detach)
@@ -69,9 +69,11 @@ class Message:
 
         Ray moves numpy buffers out of band without a copy, and this measured faster
         than its default torch pickling and its zero-copy torch setting
-        (docs/benchmarks.md). ``from_wire`` undoes it.
+        (docs/benchmarks.md). A channels-last feature map travels as its NHWC array
+        (C-contiguous, so still without a copy) and arrives channels-last, so the
+        learner never converts layouts. ``from_wire`` undoes it.
         """
-        return self.map(lambda t: t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy())
+        return self.map(_tensor_to_wire)
 
     def from_wire(self) -> Message:
         """Tensors again, without a copy. Arrays Ray hands out are read-only; so are the
@@ -81,9 +83,35 @@ class Message:
             return self.map(_tensor_from_wire)
 
 
-def _tensor_from_wire(value: Tensor | np.ndarray) -> Tensor:
+def dense(t: Tensor) -> Tensor:
+    """``t`` with dense strides, keeping channels-last where it has it."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+@dataclass(frozen=True)
+class NHWC:
+    """Wire form of a channels-last (N, C, H, W) tensor: its (N, H, W, C) array."""
+
+    array: np.ndarray
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _tensor_to_wire(t: Tensor) -> np.ndarray | NHWC:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return NHWC(_numpy(t.permute(0, 2, 3, 1)))
+    return _numpy(t)
+
+
+def _tensor_from_wire(value: Tensor | np.ndarray | NHWC) -> Tensor:
     if isinstance(value, Tensor):
         return value
+    if isinstance(value, NHWC):
+        return _tensor_from_wire(value.array).permute(0, 3, 1, 2)
     tensor = torch.from_numpy(value)
     return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor
 

@@ -8,6 +8,9 @@ Choices the papers leave open, made once here for every method:
   feature distances, over elements) so loss scales do not depend on batch size.
 - Each function returns the term as it enters the peer's total loss (weights such
   as T^2 or beta included), so logged values add up to the optimised loss.
+- Precision: every function computes in float32 whatever its inputs (bf16 under
+  ``run.precision=bf16``), so softmax, log-softmax, KL and distances keep their
+  accuracy; only the networks' forward passes run in bf16.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ OWN, TEACHER = 0, 1  # the two classes of an AMLN discriminator (eq. 1)
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """L_C: cross-entropy with one-hot labels (eq. 4-5), mean over the batch."""
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def softened_kl(
@@ -38,8 +41,8 @@ def softened_kl(
     and Hinton et al.'s KD. Sum over classes, mean over the batch ("batchmean").
     The T^2 factor keeps gradient scale comparable to L_C (eq. 8).
     """
-    log_student = F.log_softmax(student_logits / temperature, dim=1)  # eq. 6
-    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)  # eq. 6
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)  # eq. 6
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)  # eq. 6
     if direction == "student_teacher":
         kl = F.kl_div(log_teacher, log_student, log_target=True, reduction="batchmean")  # eq. 7
     else:
@@ -49,12 +52,12 @@ def softened_kl(
 
 def alignment_distance(aligned: Tensor, teacher_final: Tensor) -> Tensor:
     """d(C_j^b(f_j^b), f_t^last) of eq. 2: L2 taken as the mean squared error."""
-    return F.mse_loss(aligned, teacher_final)
+    return F.mse_loss(aligned.float(), teacher_final.float())
 
 
 def teacher_probability(scores: Tensor) -> Tensor:
     """D(.) of eq. 1: the probability D's two-way output gives to "the teacher's"."""
-    return scores.softmax(dim=1)[:, TEACHER]
+    return scores.float().softmax(dim=1)[:, TEACHER]
 
 
 def discriminator_loss(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
@@ -78,9 +81,9 @@ def fooling_loss(own_scores: Tensor) -> Tensor:
 def least_squares_discriminator_loss(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
     """AFD's discriminator objective (least-squares GAN): the teacher's feature map
     is real (1), the peer's own is fake (0)."""
-    return (1 - teacher_scores).pow(2).mean() + own_scores.pow(2).mean()
+    return (1 - teacher_scores.float()).pow(2).mean() + own_scores.float().pow(2).mean()
 
 
 def least_squares_generator_loss(own_scores: Tensor) -> Tensor:
     """AFD's adversarial loss for the peer: make D score its own map as real."""
-    return (1 - own_scores).pow(2).mean()
+    return (1 - own_scores.float()).pow(2).mean()
