@@ -195,6 +195,7 @@ class RunConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "fp32"  # auto: bf16 where the CPU or GPU has it natively
     memory_format: Literal["channels_last", "contiguous"] = "channels_last"  # layout of models, batches, messages
     compile: bool = False  # torch.compile each peer's model once per process
+    log_grad_norms: bool = False  # per epoch: each term's gradient norm on the backbone, feature scales, D accuracy
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch threads in the local backend
     precise_bn_batches: int = Field(16, ge=0)  # BN stats re-estimated on this many training batches before eval
@@ -306,6 +307,7 @@ RESUMABLE_KEYS = frozenset(
         "run.threads",
         "run.device",
         "run.out_dir",
+        "run.log_grad_norms",
         "cohort.backend",
         "cohort.cpus_per_peer",
         "cohort.gpus_per_peer",

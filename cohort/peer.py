@@ -188,6 +188,8 @@ class Peer:
         terms = self.method.ramp(terms, (step + 1) / self.data.plan.steps_per_epoch)
         total = sum(terms.values())
         logged = self._finite_floats(step, terms | {"loss": total}, teachers)
+        if self.config.run.log_grad_norms:
+            logged |= self.diagnostics(output, terms, teachers)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -204,6 +206,32 @@ class Peer:
                 self.critic_optimizer.step()
         logged["top1"] = float((output.logits.argmax(1) == targets).float().mean())
         return logged
+
+    def diagnostics(self, output, terms: dict[str, Tensor], teachers: list[Message]) -> dict[str, float]:
+        """``run.log_grad_norms``: the L2 norm of each loss term's gradient with respect
+        to the backbone (``grad_norm/<term>``; 0 for a declared term that is switched
+        off), the RMS of each block's features (``feat_rms/b<k>``) and the method's own
+        diagnostics (AMLN: the discriminators' accuracy per block). Costs one extra
+        backward pass per term; the driver averages every value over the epoch."""
+        backbone = [p for p in self.model.parameters() if p.requires_grad]
+        found: dict[str, float] = {}
+        for name in sorted(self.method.supervised_terms | self.method.distillation_terms):
+            if name not in terms or not terms[name].requires_grad:
+                found[f"grad_norm/{name}"] = 0.0
+                continue
+            grads = torch.autograd.grad(terms[name], backbone, retain_graph=True, allow_unused=True)
+            found[f"grad_norm/{name}"] = float(
+                torch.linalg.vector_norm(
+                    torch.stack(
+                        [torch.linalg.vector_norm(g.float()) for g in grads if g is not None] or [torch.zeros(())]
+                    )
+                )
+            )
+        with torch.no_grad():
+            for k, block in enumerate(output.blocks):
+                found[f"feat_rms/b{k}"] = float(block.float().pow(2).mean().sqrt())
+            found |= self.method.diagnostics(output, teachers, self.extras)
+        return found
 
     def _check_teachers(self, step: int, messages: tuple[Message, ...]) -> None:
         epoch, _ = self.data.plan.locate(step)

@@ -293,3 +293,36 @@ def test_wire_form_round_trips_exactly_and_halves_bytes_in_bfloat16(dtype):
     assert message.nbytes == sum(4 * b.numel() for b in full.blocks) // (2 if dtype == "bfloat16" else 1) + (
         full.logits.numel() * message.logits.element_size()
     )
+
+
+@pytest.mark.parametrize("switched_off", ["feature", "adversarial"])
+def test_grad_norm_instruments_log_every_term_and_zero_for_a_switched_off_one(switched_off):
+    config = synthetic_config(None, "method.name=amln", "run.log_grad_norms=true", f"method.{switched_off}=false")
+    learned = run_steps(config, steps=2)[0]
+    off = {"feature": "feat", "adversarial": "adv"}[switched_off]
+    assert learned[f"grad_norm/{off}"] == 0.0
+    for term in {"ce", "kl", "feat", "adv"} - {off}:
+        assert learned[f"grad_norm/{term}"] > 0, term
+    assert all(learned[f"feat_rms/b{k}"] > 0 for k in range(3))
+    if switched_off == "feature":
+        assert all(0 <= learned[f"disc_acc/b{k}"] <= 1 for k in range(3))
+    else:
+        assert not any(name.startswith("disc_acc") for name in learned)
+
+
+def test_grad_norms_are_off_by_default():
+    learned = run_steps(synthetic_config(None, "method.name=dml"), steps=1)[0]
+    assert not any(name.startswith(("grad_norm", "feat_rms")) for name in learned)
+
+
+def test_the_grad_norm_of_ce_is_the_norm_of_the_ce_gradient():
+    config = synthetic_config(None, "method.name=vanilla", "run.log_grad_norms=true")
+    peer = Peer(0, config)
+    output = peer.model(peer.batch_on_device(peer.data.train_batch(0)[0]))
+    targets = peer.data.train_batch(0)[1]
+    ce = L.cross_entropy(output.logits, targets)
+    expected = torch.linalg.vector_norm(
+        torch.cat([g.flatten() for g in torch.autograd.grad(ce, list(peer.model.parameters()), retain_graph=True)])
+    )
+    found = peer.diagnostics(output, {"ce": ce}, [])
+    assert found["grad_norm/ce"] == pytest.approx(float(expected), rel=1e-5)

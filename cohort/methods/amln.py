@@ -82,3 +82,14 @@ class AMLN(Method):
             )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks
             per_teacher.append({"disc": loss})
         return mean_over_teachers(per_teacher)
+
+    def diagnostics(self, output, teachers, extras):
+        if not self.config.adversarial:
+            return {}
+        found: dict[str, float] = {}
+        for message in teachers:
+            discriminators = extras["disc"][teacher_key(message.source)]
+            for k, (disc, own, theirs) in enumerate(zip(discriminators, output.blocks, message.blocks)):
+                accuracy = float(L.discriminator_accuracy(*disc.score_pair(own, theirs)))
+                found[f"disc_acc/b{k}"] = found.get(f"disc_acc/b{k}", 0.0) + accuracy / len(teachers)
+        return found

@@ -191,6 +191,10 @@ class Method:
         """Losses of the optional second update, over ``critic_parameters`` only."""
         return {}
 
+    def diagnostics(self, output: Output, teachers: Sequence[Message], extras: nn.ModuleDict) -> dict[str, float]:
+        """Extra values logged with ``run.log_grad_norms`` (called without gradient)."""
+        return {}
+
 
 def rampup_weight(epochs_done: float, rampup_epochs: float) -> float:
     """exp(-5 (1 - t)^2) for t = epochs_done / rampup_epochs < 1, else 1.

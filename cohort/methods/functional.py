@@ -87,3 +87,11 @@ def least_squares_discriminator_loss(own_scores: Tensor, teacher_scores: Tensor)
 def least_squares_generator_loss(own_scores: Tensor) -> Tensor:
     """AFD's adversarial loss for the peer: make D score its own map as real."""
     return (1 - own_scores.float()).pow(2).mean()
+
+
+def discriminator_accuracy(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """How often D tells the two apart (a diagnostic, not a loss): own features scored
+    below 1/2 for "teacher", the teacher's above, averaged over both sides."""
+    own_right = (teacher_probability(own_scores) < 0.5).float().mean()
+    teacher_right = (teacher_probability(teacher_scores) > 0.5).float().mean()
+    return (own_right + teacher_right) / 2
