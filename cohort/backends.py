@@ -25,8 +25,9 @@ class PeerFailure(RuntimeError):
         self.secondary = secondary
 
 
-class ClusterGone(RuntimeError):
-    """The Ray cluster the run was using has no resources left (it was stopped or lost)."""
+class ClusterGone(ConfigError):
+    """The Ray cluster has no CPUs: at the start a resource error (exit 2); during a
+    recovery, the cluster was stopped or lost (the driver stops with exit 1)."""
 
 
 class Backend(Protocol):
@@ -86,7 +87,7 @@ class RayBackend:
         if self.group is not None:
             check_trial_bundles(self.group.bundle_specs, size, cpus, gpus)
         else:
-            bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+            bundle = peer_bundle(cpus, gpus)
             self.group, self.owns_group, first_bundle = placement_group([bundle] * size, strategy="PACK"), True, 0
             ready, _ = ray.wait([self.group.ready()], timeout=120)
             if not ready:
@@ -163,6 +164,18 @@ class RayBackend:
         if getattr(self, "owns_group", False) and self.group is not None:
             self._remove_pg(self.group)
         self.group = None
+
+
+def _placement_group_id(_peer: Any) -> str | None:
+    """Runs inside a peer's actor (``__ray_call__``)."""
+    import ray
+
+    return ray.get_runtime_context().get_placement_group_id()
+
+
+def peer_bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """The resources one peer actor asks for (and its placement-group bundle holds)."""
+    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
 
 
 def root_cause(errors: list[Exception]) -> Exception:

@@ -35,7 +35,10 @@ class ConsoleReporter(Callback):
 
     def on_step(self, step: int, terms: StepTerms) -> None:
         epoch, within = divmod(step, self.steps_per_epoch)
+        if self.bar is not None and (epoch != self.bar_epoch or within < self.bar.n):  # a recovery rewound
+            self.close_bar()
         if self.bar is None:
+            self.bar_epoch = epoch
             self.bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=within,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .backends import BACKENDS, Backend, ClusterGone, PeerFailure
+from .backends import BACKENDS, Backend, PeerFailure
 from .callbacks import Callback
 from .checkpoint import (
     check_output_dir,
@@ -118,18 +118,19 @@ class Cohort:
             f"[cohort] {failure}; rebuilding the cohort from {kept} "
             f"(failure {self.failures} of at most {self.config.run.max_failures})"
         )
-        self.backend.shutdown()
-        self.backend = None
         try:
+            with suppress(Exception):  # a dead cluster cannot even kill its actors
+                self.backend.shutdown()
+            self.backend = None
             self.start_backend()
+            return self.restore()
         except Exception as error:  # the config fitted at the start: the cluster is gone or changed
-            if not isinstance(error, (ClusterGone, ConfigError)):
+            if not isinstance(error, ConfigError):
                 error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             raise TrainingStopped(
                 f"{failure}, and the cohort cannot be rebuilt: {error}; the run keeps {kept}; "
                 f"resume with --resume {self.run_dir} once the cluster is back"
             ) from None
-        return self.restore()
 
     def restore(self) -> int:
         """Load the newest complete checkpoint into the peers; the epoch to resume at."""

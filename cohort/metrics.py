@@ -7,7 +7,6 @@ tables one ``pivot`` away. Cohort-wide values (the ensemble) have a null peer.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import polars as pl
@@ -39,13 +38,10 @@ class MetricsLog:
         return pl.DataFrame(self.rows, schema=SCHEMA)
 
     def write(self, path: Path) -> None:
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        from .checkpoint import atomic_path
+
+        with atomic_path(path) as temporary:
             self.frame().write_parquet(temporary)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
 
     def keep_until(self, epoch: int) -> None:
         """Drop rows after ``epoch`` (when a run rewinds to a checkpoint)."""

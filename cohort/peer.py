@@ -69,8 +69,9 @@ MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 
 
 def on_cpu(tree: Any) -> Any:
-    """A copy of a nest of dicts/lists/tuples with every tensor detached and on CPU, so
-    a driver on a CPU-only head node can deserialise what a GPU peer returns."""
+    """The nest of dicts/lists/tuples rebuilt with every tensor detached and on CPU
+    (tensors already on CPU are shared, not copied), so a driver on a CPU-only head
+    node can deserialise what a GPU peer returns."""
     if isinstance(tree, Tensor):
         return tree.detach().cpu()
     if isinstance(tree, dict):
@@ -200,6 +201,7 @@ class Peer:
             with self.autocast():
                 critic_terms = self.method.extras_step(output, teachers, self.extras)
             if critic_terms:
+                self.method.check_declared(critic_terms, self.method.critic_terms, "critic_terms", "extras_step")
                 logged |= self._finite_floats(step, critic_terms, teachers)
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 sum(critic_terms.values()).backward()

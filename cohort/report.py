@@ -27,7 +27,9 @@ def panels(frame: pl.DataFrame) -> list[tuple[str, str, str]]:
     chosen = [p for p in ACCURACY_PANELS if (p[0], p[1]) in present]
     train_terms = sorted(m for s, m in present if s == "train" and m not in ("top1", "loss"))
     chosen += [("train", "loss", "training loss (sum of terms)")]
-    chosen += [("train", term, f"training term '{term}'") for term in train_terms]
+    chosen += [
+        ("train", term, f"diagnostic {term}" if "/" in term else f"training term '{term}'") for term in train_terms
+    ]
     return chosen
 
 
@@ -38,18 +40,18 @@ def run_title(run_dir: Path) -> str:
 
 def write_curves(run_dir: str | Path) -> Path:
     """Draw ``curves.png`` from the run's metrics.parquet; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a user's own backend stays as it is
     from matplotlib.ticker import MaxNLocator
+
+    from .checkpoint import atomic_path
 
     run_dir = Path(run_dir)
     frame = read_metrics(run_dir / "metrics.parquet")
     chosen = panels(frame)
     columns = min(3, len(chosen))
     rows = math.ceil(len(chosen) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
+    figure = Figure(figsize=(4.6 * columns, 3.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     peers = sorted(frame["peer"].drop_nulls().unique().to_list())
     for axis, (split, metric, title) in zip(axes.flat, chosen):
         scale = 100 if metric == "top1" else 1
@@ -72,10 +74,8 @@ def write_curves(run_dir: str | Path) -> Path:
     figure.suptitle(run_title(run_dir))
     figure.tight_layout()
     path = run_dir / "curves.png"
-    temporary = path.with_name(".curves.png.tmp")
-    figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     return path
 
 

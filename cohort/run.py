@@ -17,7 +17,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, apply_override, load_config, read_yaml, validate
 from .coordinator import TrainingStopped, train
-from .data import DataError, dataset_info
+from .data import DataError, check_available, dataset_info
 from .peer import NonFiniteLossError, resolve_device, resolve_precision
 
 EXAMPLES = """examples:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = resolve_config(args)
+        check_available(config.data)  # before describing it: the plan reads the dataset's layout
         print(f"[cohort] {describe_plan(config)}", flush=True)
         result = train(config, resume=args.resume is not None)
     except (ConfigError, DataError, CheckpointError) as error:

@@ -10,6 +10,7 @@ from helpers import FASHION_INSTALLED
 
 os.environ.setdefault("COHORT_PROGRESS", "0")  # no progress bars in test logs
 
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The session's single Ray instance, sized like this machine (2 CPUs)."""

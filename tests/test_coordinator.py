@@ -124,3 +124,24 @@ def test_an_output_folder_that_is_a_file_is_refused_before_anything_starts(tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: run.out_dir: {target} ") and "file" in err and len(err.splitlines()) == 1
     assert blocker.read_text() == "not a folder"
+
+
+def test_the_progress_bar_reopens_when_a_recovery_rewinds_the_epoch(monkeypatch):
+    from types import SimpleNamespace
+
+    from cohort.console import ConsoleReporter
+
+    monkeypatch.setenv("COHORT_PROGRESS", "1")  # a disabled bar does not count
+    reporter = ConsoleReporter(log=quiet)
+    config = synthetic_config(None)
+    reporter.on_start(SimpleNamespace(config=config, describe={"steps_per_epoch": 4}), 0)
+    terms = [{"loss": 1.0}, {"loss": 1.0}]
+    for step in (0, 1, 2):
+        reporter.on_step(step, terms)
+    assert reporter.bar.n == 3
+    reporter.on_step(0, terms)  # rebuilt from the checkpoint: the epoch starts again
+    assert reporter.bar.n == 1 and reporter.bar_epoch == 0
+    reporter.on_step(1, terms)
+    reporter.on_step(2, terms)
+    reporter.on_step(3, terms)  # the epoch's last step closes its bar
+    assert reporter.bar is None

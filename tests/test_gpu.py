@@ -32,18 +32,43 @@ def test_a_cohort_shares_one_gpu_and_the_driver_reads_its_checkpoint_on_cpu(tmp_
     """Two peers on half a GPU each; everything they return to the driver (state,
     evaluation) is on CPU, so a CPU-only head node can read the checkpoint."""
     import ray
-    import torch
 
     from cohort.checkpoint import latest_checkpoint, load_checkpoint, load_peer
     from cohort.coordinator import train
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the shared Ray instance was started without a GPU")
+    from cohort.callbacks import Callback
+
+    returned = []
+
+    class KeepWhatPeersReturn(Callback):
+        def on_start(self, cohort, first_epoch):
+            self.cohort = cohort
+
+        def on_epoch(self, epoch, metrics):
+            backend = self.cohort.backend
+            returned.extend(backend.get([backend.call(j, "state") for j in range(2)]))
+            returned.extend(backend.get([backend.call(j, "evaluate", "test") for j in range(2)]))
+
     config = synthetic_config(tmp_path, "cohort.backend=ray", "cohort.gpus_per_peer=0.5", "method.name=amln")
-    result = train(config, log=lambda line: None)
+    result = train(config, callbacks=[KeepWhatPeersReturn()], log=lambda line: None)
+    devices = {t.device.type for t in tensors_in(returned)}
+    assert devices == {"cpu"}, devices  # the driver never receives a CUDA tensor
     states, _ = load_checkpoint(latest_checkpoint(result.run_dir))
-    tensors = [t for state in states for t in state["model"].values()]
-    tensors += [v for state in states for s in state["optimizer"]["state"].values() for v in s.values()]
-    assert tensors and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    assert states[0]["optimizer"]["state"]
     model = load_peer(result.best_peer_path, device="cpu")
     assert next(model.parameters()).device.type == "cpu"
+
+
+def tensors_in(tree):
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from tensors_in(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from tensors_in(value)

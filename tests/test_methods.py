@@ -193,9 +193,13 @@ def test_an_undeclared_term_is_an_error_not_a_silently_ramped_term():
         def losses(self, output, targets, teachers, extras):
             return super().losses(output, targets, teachers, extras) | {"ce_aux": output.logits.sum() * 0}
 
-    method = Sneaky(load_config(None, ["method.name=dml"]).method)
-    with pytest.raises(TypeError, match=r"undeclared term\(s\) \['ce_aux'\]; declare each in supervised_terms"):
-        method.ramp({"ce": torch.tensor(1.0), "ce_aux": torch.tensor(1.0)}, 0.5)
+    config = synthetic_config(None, "method.name=dml")
+    learner, teacher = Peer(0, config), Peer(1, config)
+    learner.method = Sneaky(config.method)
+    message = teacher.publish(0)
+    learner.publish(0)
+    with pytest.raises(TypeError, match=r"Sneaky.losses returned undeclared term\(s\) \['ce_aux'\]; declare each in"):
+        learner.learn(0, message)
 
 
 @pytest.mark.parametrize("reserved", ["loss", "top1"])

@@ -34,9 +34,10 @@ def test_layout_and_precision_keys_train_with_finite_losses(memory_format, preci
     else:
         assert all(isinstance(b, np.ndarray) and b.flags["C_CONTIGUOUS"] for b in message.blocks)
     learner.publish(0)
+    expected = torch.bfloat16 if resolve_precision(precision, torch.device("cpu")) == "bf16" else torch.float32
+    assert learner._pending[1].logits.dtype == expected  # the forward pass ran under that autocast
     terms = learner.learn(0, message)
     assert all(math.isfinite(v) for v in terms.values())
-    assert learner.describe()["precision"] == resolve_precision(precision, torch.device("cpu"))
 
 
 def test_a_channels_last_message_crosses_the_wire_without_changing_values():
@@ -82,6 +83,7 @@ def test_a_compiled_peer_trains_and_keeps_its_parameter_names():
     config = synthetic_config(None, "method.name=dml", "run.compile=true")
     learner, teacher = Peer(0, config), Peer(1, config)
     plain = Peer(0, synthetic_config(None, "method.name=dml"))
+    assert learner.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
     assert learner.model.state_dict().keys() == plain.model.state_dict().keys()  # checkpoints stay compatible
     message = teacher.publish(0)
     learner.publish(0)

@@ -65,6 +65,8 @@ class KillPeerOnce(Callback):
 
     def on_start(self, cohort, first_epoch):
         self.cohort = cohort
+        with self.marker.with_suffix(".starts").open("a") as starts:
+            starts.write(f"{first_epoch}\n")  # the epoch each attempt starts at
 
     def on_step(self, step, terms):
         if step == self.step and not self.marker.exists():
@@ -147,6 +149,20 @@ def test_every_sweep_file_in_configs_loads(name):
         ),
         ({"fixed": {"data.val_split": 0}}, "fixed.data.val_split: 0 leaves no validation split"),
         ({"samplez": 3}, "unknown key 'samplez' (did you mean 'samples'?)"),
+        (
+            {
+                "space": {
+                    "cohort.size": {"grid": [2, 3]},
+                    "cohort.models": {"grid": ["resnet20", ["resnet20", "resnet32"]]},
+                }
+            },
+            "space (cohort.models=['resnet20', 'resnet32'], cohort.size=3): cohort.models lists 2 models",
+        ),
+        ({"fixed": {"cohort.backend": "local"}}, "fixed: cohort.backend is set by every trial"),
+        (
+            {"space": {"cohort.size": {"uniform": [2, 4]}}},
+            "space.cohort.size: cohort.size: input should be a valid integer",
+        ),
         (
             {"space": {"cohort.size": {"grid": [2, 1]}}},
             "space.cohort.size: cohort.size: input should be greater than or equal to 2",
@@ -244,8 +260,9 @@ def test_a_trial_whose_peer_dies_is_retried_from_its_checkpoint_and_finishes(tmp
     (trial,) = [p.parent for p in sweep_dir.glob("*/result.json")]
     assert (trial / "error.txt").is_file()  # the attempt that lost its peer
     assert "ActorDiedError" in (trial / "error.txt").read_text() or "actor died" in (trial / "error.txt").read_text()
-    epochs = [line["epoch"] for line in trial_reports(sweep_dir)[trial.name]]
-    assert epochs == [2, 3]  # the retried attempt (Tune restarts result.json) began after epoch 1's checkpoint
+    starts = marker.with_suffix(".starts").read_text().split()
+    assert starts == ["0", "1"]  # the retry began from epoch 1's checkpoint, not from scratch
+    assert trial_reports(sweep_dir)[trial.name][-1]["epoch"] == 3
     results = pl.read_parquet(sweep_dir / "results.parquet")
     assert results["status"].to_list() == ["done"] and results["epochs"].to_list() == [3]
 

@@ -25,10 +25,9 @@ def axes_keys(frame: pl.DataFrame, sweep: SweepConfig) -> tuple[list[str], str |
 
 
 def write_sweep_plot(frame: pl.DataFrame, sweep: SweepConfig, path: Path) -> Path | None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a user's own backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cohort.checkpoint import atomic_path
 
     finished = (
         frame.filter((pl.col("status") != "error") & pl.col(sweep.metric).is_not_null())
@@ -37,7 +36,8 @@ def write_sweep_plot(frame: pl.DataFrame, sweep: SweepConfig, path: Path) -> Pat
     )
     x_keys, line = axes_keys(frame, sweep)
     x_keys = x_keys or [line or "trial"]
-    figure, axes = plt.subplots(1, len(x_keys), figsize=(5 * len(x_keys), 3.8), squeeze=False)
+    figure = Figure(figsize=(5 * len(x_keys), 3.8))
+    axes = figure.subplots(1, len(x_keys), squeeze=False)
     for axis, key in zip(axes.flat, x_keys):
         groups = [key] + ([line] if line and line != key else [])
         if not finished.is_empty():
@@ -76,6 +76,6 @@ def write_sweep_plot(frame: pl.DataFrame, sweep: SweepConfig, path: Path) -> Pat
         axis.grid(alpha=0.3)
     figure.suptitle(f"sweep {sweep.name}: {sweep.metric}, mean ± std over seeds")
     figure.tight_layout()
-    figure.savefig(path, dpi=100, format="png")
-    plt.close(figure)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     return path

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from cohort.checkpoint import latest_checkpoint, load_checkpoint
+from cohort.checkpoint import atomic_path, latest_checkpoint, load_checkpoint, write_text
 from cohort.export import export_best_peer
 from cohort.metrics import markdown_table, read_metrics
 
@@ -37,15 +37,20 @@ def trial_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         config = result.config or {}
         row: dict[str, Any] = {"trial": str(metrics.get("trial_id", Path(result.path).name))}
-        row |= {key: config.get(key) for key in sweep.space}
-        epochs = int(metrics.get("epoch", 0) or 0)
+        row |= {key: scalar(config.get(key)) for key in sweep.space}
         row["status"] = "error" if result.error else "done"
-        row["epochs"] = epochs
+        row["epochs"] = int(metrics.get("epoch", 0) or 0)
+        row["epochs_planned"] = int(metrics.get("epochs_planned", 0) or 0)
         for name, value in sorted(metrics.items()):
             if name.startswith(("val_", "test_")):
                 row[name] = float(value)
         rows.append(row)
     return rows
+
+
+def scalar(value: Any) -> Any:
+    """A table cell: lists and mappings (e.g. a swept cohort.models list) as text."""
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else value
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -55,10 +60,10 @@ def results_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return frame.select(first + scores)
 
 
-def mark_stopped_early(frame: pl.DataFrame, epochs: int) -> pl.DataFrame:
-    """ASHA's stops show as trials that ended without error before the last epoch."""
+def mark_stopped_early(frame: pl.DataFrame) -> pl.DataFrame:
+    """ASHA's stops show as trials that ended without error before their last epoch."""
     return frame.with_columns(
-        pl.when((pl.col("status") != "error") & (pl.col("epochs") < epochs))
+        pl.when((pl.col("status") != "error") & (pl.col("epochs") < pl.col("epochs_planned")))
         .then(pl.lit("stopped early"))
         .otherwise(pl.col("status"))
         .alias("status")
@@ -110,16 +115,17 @@ def write_results(grid, sweep: SweepConfig, sweep_dir: Path) -> SweepSummary:
 
     rows = trial_rows(grid, sweep)
     frame = results_frame(rows)
-    epochs = max((row["epochs"] for row in rows), default=0)
-    frame = mark_stopped_early(frame, epochs)
-    frame.write_parquet(sweep_dir / "results.parquet")
+    frame = mark_stopped_early(frame)
+    with atomic_path(sweep_dir / "results.parquet") as temporary:
+        frame.write_parquet(temporary)
     table = markdown_table(frame, percent=[c for c in frame.columns if c.startswith(("val_", "test_"))])
-    (sweep_dir / "results.md").write_text(f"# Sweep {sweep.name}: one row per trial\n\n{table}\n")
+    write_text(sweep_dir / "results.md", f"# Sweep {sweep.name}: one row per trial\n\n{table}\n")
     summary = seed_summary(frame, sweep)
-    (sweep_dir / "summary.md").write_text(
+    write_text(
+        sweep_dir / "summary.md",
         f"# Sweep {sweep.name}: mean ± std over seeds (top-1, %), ranked on {sweep.metric}\n\n"
         + (markdown_table(summary) if not summary.is_empty() else "no finished trials")
-        + "\n"
+        + "\n",
     )
     write_sweep_plot(frame, sweep, sweep_dir / "sweep.png")
     best = export_sweep_best(grid, sweep, sweep_dir)

@@ -10,6 +10,7 @@ so a typo such as ``method.betta`` fails here with one line, before anything sta
 
 from __future__ import annotations
 
+import itertools
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cohort.config import Config, ConfigError, apply_override, read_yaml, set_dotted, validate
 from cohort.registry import suggest
 
-METRICS = ("val_top1_best", "val_top1_mean", "val_ensemble_top1")
 DEFAULT_VAL_SPLIT = 0.1
+# Set by every trial (tuning.trial.TRIAL_SETTINGS); a sweep may not search or fix them.
+TRIAL_OWNED_KEYS = ("cohort.backend", "run.max_failures", "run.out_dir")
+MAX_CHECKED_COMBINATIONS = 4096
 
 
 class Strict(BaseModel):
@@ -61,9 +64,13 @@ class Distribution(Strict):
 
     def examples(self) -> list[Any]:
         """Values that stand for the whole distribution when validating: every grid
-        or choice value, both ends of a range."""
+        or choice value; both ends of a range and a fractional point inside it (so a
+        continuous range on an integer key fails here, not in a trial)."""
         if self.kind == "randint":
             return [self.values[0], self.values[1] - 1]
+        if self.kind in ("uniform", "loguniform"):
+            lo, hi = self.values
+            return [lo, lo + 0.37 * (hi - lo), hi]
         return self.values
 
 
@@ -93,6 +100,16 @@ class SweepConfig(Strict):
         if not space:
             raise ValueError("needs at least one key to search, e.g. method.beta: {grid: [0.3, 1, 3]}")
         return space
+
+    @field_validator("space", "fixed")
+    @classmethod
+    def _not_trial_owned(cls, keys: dict[str, Any]) -> dict[str, Any]:
+        owned = [k for k in keys if k in TRIAL_OWNED_KEYS]
+        if owned:
+            raise ValueError(
+                f"{owned[0]} is set by every trial (trials use {', '.join(TRIAL_OWNED_KEYS)} of their own)"
+            )
+        return keys
 
 
 # ----------------------------------------------------------------------- loading
@@ -149,9 +166,9 @@ def validate_sweep(raw: dict[str, Any], source: Path | str = "sweep") -> SweepCo
 
 
 def base_mapping(sweep: SweepConfig) -> dict[str, Any]:
-    """The base experiment as a raw mapping (a configs/ file is read)."""
+    """The base experiment as a raw mapping (a configs/ file is read); a copy."""
     if isinstance(sweep.base, dict):
-        return dict(sweep.base)
+        return deepcopy(sweep.base)
     path = Path(sweep.base)
     if not path.is_file():
         raise ConfigError(f"base: no such experiment file '{path}' (a configs/ path, or an inline mapping)")
@@ -160,7 +177,8 @@ def base_mapping(sweep: SweepConfig) -> dict[str, Any]:
 
 def trial_base(sweep: SweepConfig) -> dict[str, Any]:
     """base + fixed + the default validation split, checked against the experiment
-    schema key by key, and every searched value too."""
+    schema key by key, then every combination of searched values (each grid or
+    choice value, each range's ends and an inner point) as whole trials."""
     raw = base_mapping(sweep)
     validate_as(raw, "base")
     for key, value in sweep.fixed.items():
@@ -176,11 +194,26 @@ def trial_base(sweep: SweepConfig) -> dict[str, Any]:
         raw.setdefault("data", {})["val_split"] = DEFAULT_VAL_SPLIT
     for key, distribution in sweep.space.items():
         for value in distribution.examples():
-            trial = set_key(raw, key, value)
-            config = validate_as(trial, f"space.{key}")
-            if config.data.val_split == 0:
-                raise ConfigError(f"space.{key}: a trial with data.val_split 0 could not be compared on validation")
+            validate_as(set_key(raw, key, value), f"space.{key}")
+    keys = list(sweep.space)
+    combinations = itertools.islice(
+        itertools.product(*(sweep.space[k].examples() for k in keys)), MAX_CHECKED_COMBINATIONS
+    )
+    for values in combinations:
+        params = dict(zip(keys, values))
+        trial = raw
+        for key, value in params.items():
+            trial = set_key(trial, key, value)
+        where = "space (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
+        if validate_as(trial, where).data.val_split == 0:
+            raise ConfigError(f"{where}: a trial with data.val_split 0 could not be compared on validation")
     return raw
+
+
+def resolved(sweep: SweepConfig, base: dict[str, Any]) -> SweepConfig:
+    """The sweep as it runs: ``base`` is the trials' full base experiment (so a resume
+    reads exactly it, wherever it runs and whatever configs/ says by then)."""
+    return sweep.model_copy(update={"base": deepcopy(base), "fixed": {}})
 
 
 def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:

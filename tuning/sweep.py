@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from cohort.checkpoint import CheckpointError, check_output_dir, write_text
 from cohort.config import ConfigError
 from cohort.data import DataError, check_available
 
-from .schema import SweepConfig, load_sweep, trial_config, validate_sweep
+from .schema import SweepConfig, load_sweep, resolved, trial_config
 
 SWEEP_FILE = "sweep.yaml"  # the resolved sweep, written into the sweep folder (for --resume)
 
@@ -83,6 +84,12 @@ def largest_trials(sweep: SweepConfig, base: dict[str, Any]) -> list[Any]:
     return [trial_config(base, {"cohort.size": n}) for n in sorted(sizes.examples(), reverse=True)]
 
 
+def example_trials(sweep: SweepConfig, base: dict[str, Any]) -> list[Any]:
+    """One trial config per example value of each searched key (the longest budget,
+    the largest cohort, ... are among them)."""
+    return [trial_config(base, {key: value}) for key, d in sweep.space.items() for value in d.examples()]
+
+
 def check_fits(sweep: SweepConfig, base: dict[str, Any]) -> None:
     """Refuse, with the numbers, a sweep whose largest trial the cluster can never
     hold (Tune alone would leave it PENDING forever)."""
@@ -98,10 +105,12 @@ def check_fits(sweep: SweepConfig, base: dict[str, Any]) -> None:
             have = total.get(resource, 0.0)
             if need > have + 1e-9:
                 peers = config.cohort.size
+                key = "space.cohort.size" if "cohort.size" in sweep.space else f"cohort.{resource.lower()}s_per_peer"
                 raise ConfigError(
-                    f"space.cohort.size: a trial of {peers} peers needs {need:g} {resource}s "
+                    f"{key}: a trial of {peers} peers needs {need:g} {resource}s "
                     f"({peers} x {bundles[1].get(resource, 0):g} for its peers + {bundles[0].get(resource, 0):g} "
-                    f"for its driver), but the Ray cluster has {have:g}; lower cohort.cpus_per_peer or the sizes"
+                    f"for its driver), but the Ray cluster has {have:g}; lower cohort.{resource.lower()}s_per_peer "
+                    "or the cohort size"
                 )
 
 
@@ -132,7 +141,7 @@ def build_tuner(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path, resto
     if sweep.scheduler.name == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
-            max_t=trial_config(base, {}).optim.epochs,
+            max_t=max(config.optim.epochs for config in example_trials(sweep, base)),
             grace_period=sweep.scheduler.grace_period,
             reduction_factor=sweep.scheduler.reduction_factor,
         )
@@ -168,12 +177,14 @@ def run_sweep(
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a new in-process instance
+    recorded = resolved(sweep, base)  # before this cluster's GPU count is fixed into base
+    base = deepcopy(base)
     resolve_gpus(base)
     check_fits(sweep, base)
     if restore and not tune.Tuner.can_restore(str(sweep_dir)):
         raise ConfigError(f"--resume: {sweep_dir} holds no Tune experiment state to restore")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_text(sweep_dir / SWEEP_FILE, yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    write_text(sweep_dir / SWEEP_FILE, yaml.safe_dump(recorded.model_dump(mode="json"), sort_keys=False))
     grid = build_tuner(sweep, base, sweep_dir, restore, trial_callbacks).fit()
     return write_results(grid, sweep, sweep_dir)
 
@@ -200,4 +211,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "run_sweep", "validate_sweep"]
+__all__ = ["main", "run_sweep"]

@@ -20,10 +20,11 @@ from typing import Any
 import ray
 from ray import tune
 
+from cohort.backends import peer_bundle
 from cohort.callbacks import Callback
-from cohort.checkpoint import latest_checkpoint
-from cohort.config import Config, check_resume, read_run_config
-from cohort.coordinator import Cohort
+from cohort.checkpoint import checkpoint_name, latest_checkpoint
+from cohort.config import Config
+from cohort.coordinator import Cohort, train
 from cohort.metrics import MetricsLog, epoch_values
 
 from .schema import trial_config
@@ -32,14 +33,11 @@ DRIVER_BUNDLE = {"CPU": 0.01}  # the trial's driver only waits on its peers
 RUN_FOLDER = "run"  # the cohort's run directory inside the trial folder
 
 
-def peer_bundle(config: Config) -> dict[str, float]:
-    """Resources of one peer, as the Ray backend will ask for them."""
-    gpus = config.cohort.gpus_per_peer or 0.0
-    return {"CPU": config.cohort.cpus_per_peer} | ({"GPU": gpus} if gpus else {})
-
-
 def trial_bundles(config: Config) -> list[dict[str, float]]:
-    return [DRIVER_BUNDLE] + [peer_bundle(config)] * config.cohort.size
+    """The trial's driver bundle, then one bundle per peer as the Ray backend asks for
+    it (``cohort.gpus_per_peer`` is fixed for the whole sweep before trials start)."""
+    peer = peer_bundle(config.cohort.cpus_per_peer, config.cohort.gpus_per_peer or 0.0)
+    return [DRIVER_BUNDLE] + [peer] * config.cohort.size
 
 
 def trial_resources(base: dict[str, Any]):
@@ -77,13 +75,14 @@ class TuneReporter(Callback):
             "trial_bundles": len(group.bundle_specs) if group else 0,
             "trial_cpus": sum(b.get("CPU", 0.0) for b in group.bundle_specs) if group else 0.0,
             "peer_groups": ",".join(cohort.backend.placement_groups()),
+            "epochs_planned": cohort.config.optim.epochs,
         }
 
     def on_epoch(self, epoch: int, metrics: MetricsLog) -> None:
         run_dir = self.cohort.run_dir
         report = epoch_report(metrics, epoch, self.cohort.size) | self.placement
         source = latest_checkpoint(run_dir)
-        if source is None or source.name != f"epoch_{epoch:03d}":
+        if source is None or source.name != checkpoint_name(epoch):
             tune.report(report)
             return
         with tempfile.TemporaryDirectory() as staging:
@@ -109,15 +108,13 @@ TRIAL_SETTINGS = {"cohort.backend": "ray", "run.max_failures": 0}
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], callbacks: tuple[Callback, ...] = ()) -> None:
     """The trainable: one cohort for the sampled ``params`` (dotted keys); ``callbacks``
-    are added to the trial's cohort (they are pickled into the trial)."""
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    run_dir = trial_dir / RUN_FOLDER
+    are added to the trial's cohort (they are pickled into the trial). A retried trial
+    continues from its last reported checkpoint through ``cohort.train(resume=True)``."""
+    run_dir = Path(tune.get_context().get_trial_dir()) / RUN_FOLDER
     config = trial_config(base, params | TRIAL_SETTINGS | {"run.out_dir": str(run_dir)})
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         restore_run(run_dir, checkpoint)
-        check_resume(read_run_config(run_dir), config)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous attempt that never reported
-    reporter = TuneReporter()
-    Cohort(config, run_dir, callbacks=[reporter, *callbacks], log=print).fit(resume=checkpoint is not None)
+    train(config, resume=checkpoint is not None, callbacks=[TuneReporter(), *callbacks], log=print)

@@ -172,16 +172,24 @@ class Method:
     def ramp(self, terms: dict[str, Tensor], epochs_done: float) -> dict[str, Tensor]:
         """Scale every distillation term by the ramp-up weight at ``epochs_done``
         (fractional epochs since the start); supervised terms are left alone."""
-        undeclared = terms.keys() - self.supervised_terms - self.distillation_terms
-        if undeclared:
-            raise TypeError(
-                f"{type(self).__name__}.losses returned undeclared term(s) {sorted(undeclared)}; declare each in "
-                "supervised_terms (never ramped) or distillation_terms (ramped up)"
-            )
+        self.check_declared(
+            terms,
+            self.supervised_terms | self.distillation_terms,
+            "supervised_terms (never ramped) or distillation_terms (ramped up)",
+            "losses",
+        )
         weight = rampup_weight(epochs_done, getattr(self.config, "rampup_epochs", 0.0))
         if weight == 1.0:
             return terms
         return {k: weight * v if k in self.distillation_terms else v for k, v in terms.items()}
+
+    def check_declared(self, terms: Mapping[str, Tensor], declared: frozenset[str], where: str, by: str) -> None:
+        """A TypeError naming any term of ``terms`` not in ``declared``."""
+        undeclared = terms.keys() - declared
+        if undeclared:
+            raise TypeError(
+                f"{type(self).__name__}.{by} returned undeclared term(s) {sorted(undeclared)}; declare each in {where}"
+            )
 
     def critic_parameters(self, extras: nn.ModuleDict) -> list[nn.Parameter]:
         """Extras trained by ``extras_step`` with their own optimizer (discriminators)."""
