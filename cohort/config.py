@@ -142,6 +142,11 @@ class AMLNConfig(MethodSection):
     kl_direction: KLDirection = "student_teacher"
     disc_lr: float = Field(1e-3, gt=0)
     rampup_epochs: float = Field(1.0, ge=0)
+    # Open choices of the paper (docs/methods.md); the defaults are the equations as printed.
+    adv_weight: float = Field(1.0, ge=0)  # weight on L_D in eq. 3 (printed: 1)
+    feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps
+    block_reduce: Literal["sum", "mean"] = "sum"  # L_D and L_F over blocks (printed: sum)
+    gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
 
 
 class AFDConfig(MethodSection):

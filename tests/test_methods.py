@@ -89,6 +89,36 @@ def test_beta_scales_only_the_feature_term():
     assert two["kl"] == pytest.approx(one["kl"]) and two["adv"] == pytest.approx(one["adv"])
 
 
+def test_adv_weight_scales_only_the_adversarial_term():
+    one, tenth = compute_terms([]), compute_terms(["method.adv_weight=0.1"])
+    assert tenth["adv"] == pytest.approx(0.1 * one["adv"])
+    assert tenth["kl"] == pytest.approx(one["kl"]) and tenth["feat"] == pytest.approx(one["feat"])
+
+
+def test_block_reduce_mean_divides_the_block_sums_by_the_number_of_blocks():
+    summed, mean = compute_terms([]), compute_terms(["method.block_reduce=mean"])
+    assert mean["feat"] == pytest.approx(summed["feat"] / 3) and mean["adv"] == pytest.approx(summed["adv"] / 3)
+    assert mean["kl"] == pytest.approx(summed["kl"])
+
+
+def test_sample_feature_norm_is_scale_free_and_bounded():
+    a, t = torch.randn(4, 8, 3, 3), torch.randn(4, 8, 3, 3)
+    distance = L.alignment_distance(a, t, "sample")
+    assert 0 <= float(distance) <= 4
+    assert float(L.alignment_distance(10 * a, 0.1 * t, "sample")) == pytest.approx(float(distance), rel=1e-5)
+    assert float(L.alignment_distance(a, a, "sample")) == pytest.approx(0, abs=1e-6)
+    assert compute_terms(["method.feature_norm=sample"])["feat"] != pytest.approx(compute_terms([])["feat"])
+
+
+def test_log_gan_form_is_cross_entropy_on_the_discriminator_scores():
+    own, theirs = torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([[-1.0, 1.0], [0.0, 3.0]])
+    fool = -torch.log_softmax(own, 1)[:, 1].mean()
+    assert float(L.log_fooling_loss(own)) == pytest.approx(float(fool))
+    d = -torch.log_softmax(own, 1)[:, 0].mean() - torch.log_softmax(theirs, 1)[:, 1].mean()
+    assert float(L.log_discriminator_loss(own, theirs)) == pytest.approx(float(d))
+    assert compute_terms(["method.gan_form=log"])["adv"] != pytest.approx(compute_terms([])["adv"])
+
+
 @pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
 def test_kl_is_zero_for_identical_peers(direction):
     logits = torch.randn(8, 10)

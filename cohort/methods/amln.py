@@ -14,6 +14,10 @@ Choices the paper leaves open (see also functional.py):
   with Adam (lr ``method.disc_lr``, betas 0.5/0.999, the usual GAN setting).
 - With several teachers (all_pairs) each term is averaged over teachers.
 - KL direction defaults to eq. 7 as printed, KL(rho_j || rho_t); see kl_direction.
+- Further open choices, each a key whose default is the printed form: ``adv_weight``
+  (a weight on L_D in eq. 3), ``feature_norm`` (L_F on per-sample normalised maps),
+  ``block_reduce`` (mean instead of sum over blocks), ``gan_form`` (log form of eq. 1).
+  docs/methods.md records the evidence for each.
 """
 
 from __future__ import annotations
@@ -55,17 +59,25 @@ class AMLN(Method):
                 )
             if cfg.feature:
                 final = message.blocks[-1]
-                distance = sum(
-                    L.alignment_distance(container(feature, final.shape[-2:]), final)
-                    for container, feature in zip(extras["align"][key], output.blocks)
+                distance = self.over_blocks(
+                    [
+                        L.alignment_distance(container(feature, final.shape[-2:]), final, cfg.feature_norm)
+                        for container, feature in zip(extras["align"][key], output.blocks)
+                    ]
                 )  # L_F, eq. 2
                 these["feat"] = cfg.beta * distance  # beta L_F, eq. 3
             if cfg.adversarial:
-                these["adv"] = sum(
-                    L.fooling_loss(disc(feature)) for disc, feature in zip(extras["disc"][key], output.blocks)
-                )  # L_D, peer side of eq. 1 (min over f), summed over blocks
+                fooling = L.log_fooling_loss if cfg.gan_form == "log" else L.fooling_loss
+                these["adv"] = cfg.adv_weight * self.over_blocks(
+                    [fooling(disc(feature)) for disc, feature in zip(extras["disc"][key], output.blocks)]
+                )  # L_D, peer side of eq. 1 (min over f), over blocks; eq. 3 weighs it 1 (adv_weight)
             per_teacher.append(these)
         return terms | mean_over_teachers(per_teacher)  # eq. 9
+
+    def over_blocks(self, per_block: list) -> object:
+        """Eq. 1-2 sum a term over blocks; ``method.block_reduce=mean`` averages instead."""
+        total = sum(per_block)
+        return total / len(per_block) if self.config.block_reduce == "mean" else total
 
     def critic_parameters(self, extras):
         return list(extras["disc"].parameters())
@@ -76,8 +88,9 @@ class AMLN(Method):
         per_teacher = []
         for message in teachers:
             discriminators = extras["disc"][teacher_key(message.source)]
+            d_loss = L.log_discriminator_loss if self.config.gan_form == "log" else L.discriminator_loss
             loss = sum(
-                L.discriminator_loss(*disc.score_pair(own.detach(), theirs))
+                d_loss(*disc.score_pair(own.detach(), theirs))
                 for disc, own, theirs in zip(discriminators, output.blocks, message.blocks)
             )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks
             per_teacher.append({"disc": loss})

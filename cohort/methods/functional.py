@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,9 +51,19 @@ def softened_kl(
     return temperature**2 * kl  # eq. 8
 
 
-def alignment_distance(aligned: Tensor, teacher_final: Tensor) -> Tensor:
-    """d(C_j^b(f_j^b), f_t^last) of eq. 2: L2 taken as the mean squared error."""
-    return F.mse_loss(aligned.float(), teacher_final.float())
+def alignment_distance(aligned: Tensor, teacher_final: Tensor, normalise: str = "none") -> Tensor:
+    """d(C_j^b(f_j^b), f_t^last) of eq. 2: L2 taken as the mean squared error.
+
+    ``normalise="sample"`` (an open choice, ``method.feature_norm``): each sample's map
+    is flattened and L2-normalised first and the squared distance summed per sample
+    (= 2 - 2 cos), mean over the batch; independent of the features' scale, in [0, 4].
+    """
+    aligned, teacher_final = aligned.float(), teacher_final.float()
+    if normalise == "sample":
+        a = F.normalize(aligned.flatten(1), dim=1)
+        t = F.normalize(teacher_final.flatten(1), dim=1)
+        return (a - t).pow(2).sum(1).mean()
+    return F.mse_loss(aligned, teacher_final)
 
 
 def teacher_probability(scores: Tensor) -> Tensor:
@@ -76,6 +87,21 @@ def fooling_loss(own_scores: Tensor) -> Tensor:
     """The min-over-f side of eq. 1 for one block: E[1 - D(sigma(f_own))], i.e. the
     peer makes D take its own feature for the teacher's."""
     return (1 - teacher_probability(own_scores)).mean()
+
+
+def log_discriminator_loss(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """The log (cross-entropy) form of eq. 1's max-over-D side (``method.gan_form=log``):
+    D classifies own features as OWN and the teacher's as TEACHER."""
+    own, theirs = own_scores.float(), teacher_scores.float()
+    own_labels = torch.full((len(own),), OWN, dtype=torch.long, device=own.device)
+    teacher_labels = torch.full((len(theirs),), TEACHER, dtype=torch.long, device=theirs.device)
+    return F.cross_entropy(own, own_labels) + F.cross_entropy(theirs, teacher_labels)
+
+
+def log_fooling_loss(own_scores: Tensor) -> Tensor:
+    """The non-saturating log form of eq. 1's min-over-f side: -log D(sigma(f_own))."""
+    own = own_scores.float()
+    return F.cross_entropy(own, torch.full((len(own),), TEACHER, dtype=torch.long, device=own.device))
 
 
 def least_squares_discriminator_loss(own_scores: Tensor, teacher_scores: Tensor) -> Tensor:
