@@ -76,14 +76,6 @@ def resolve(args: argparse.Namespace) -> tuple[SweepConfig, dict[str, Any], Path
     return sweep, base, sweep_dir.resolve()
 
 
-def largest_trials(sweep: SweepConfig, base: dict[str, Any]) -> list[Any]:
-    """Trial configs for every searched cohort size, largest first (what the cluster must fit)."""
-    sizes = sweep.space.get("cohort.size")
-    if sizes is None:
-        return [trial_config(base, {})]
-    return [trial_config(base, {"cohort.size": n}) for n in sorted(sizes.examples(), reverse=True)]
-
-
 def example_trials(sweep: SweepConfig, base: dict[str, Any]) -> list[Any]:
     """One trial config per example value of each searched key (the longest budget,
     the largest cohort, ... are among them)."""
@@ -98,7 +90,8 @@ def check_fits(sweep: SweepConfig, base: dict[str, Any]) -> None:
     from .trial import trial_bundles
 
     total = ray.cluster_resources()
-    for config in largest_trials(sweep, base):
+    need_most_first = sorted(example_trials(sweep, base), key=lambda c: -sum(b["CPU"] for b in trial_bundles(c)))
+    for config in need_most_first:
         bundles = trial_bundles(config)
         for resource in ("CPU", "GPU"):
             need = sum(b.get(resource, 0.0) for b in bundles)
