@@ -289,3 +289,38 @@ def test_a_sweep_that_stopped_on_a_failed_trial_resumes_and_finishes_it(tmp_path
 def test_resume_of_a_folder_without_a_sweep_is_one_line(tmp_path, capsys):
     assert main(["--resume", str(tmp_path)]) == 2
     assert f"--resume: {tmp_path} holds no sweep" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_interrupted_with_ctrl_c_resumes_where_it_stopped(tmp_path):
+    """The sweep runs in its own process (its own Ray), gets SIGINT once its first
+    trial has reported a checkpoint, and `--resume` then finishes every trial."""
+    import subprocess
+    import time
+
+    path = write_sweep(
+        tmp_path,
+        space={"method.temperature": {"grid": [2.0, 4.0]}},
+        fixed={"cohort.cpus_per_peer": 0.5, "optim.epochs": 3, "data.synthetic.train_size": 512},
+    )
+    sweep_dir = tmp_path / "sweep"
+    env = os.environ | {"COHORT_PROGRESS": "0", "RAY_ADDRESS": ""}
+    command = [sys.executable, "-m", "tuning.sweep"]
+    sweep = subprocess.Popen([*command, "--config", str(path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(sweep_dir.glob("*/checkpoint_000000")) and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # waiting for a condition on disk, not for time to pass
+    assert sweep.poll() is None, "the sweep ended before it could be interrupted"
+    sweep.send_signal(signal.SIGINT)
+    sweep.wait(timeout=120)
+    finished = [lines[-1]["epoch"] == 3 for lines in trial_reports(sweep_dir).values() if lines]
+    assert finished.count(True) < 2, "nothing was left to resume"
+
+    resumed = subprocess.run([*command, "--resume", str(sweep_dir)], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    results = pl.read_parquet(sweep_dir / "results.parquet")
+    assert sorted(results["method.temperature"].to_list()) == [2.0, 4.0]
+    assert results["status"].to_list() == ["done", "done"] and results["epochs"].to_list() == [3, 3]
