@@ -8,13 +8,15 @@ written by ``checkpoint.export_peer`` and loads with ``cohort.load_peer``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 from torch import Tensor
 
 from .checkpoint import export_peer
 from .metrics import epoch_values
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def selection_split(frame: pl.DataFrame) -> str:
