@@ -23,7 +23,6 @@ from .pairing import list_pairings
 __version__ = "0.1.0"
 
 
-
 def list_datasets() -> list[str]:
     """Names accepted by ``data.name``."""
     return DATASETS.names()

@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .data import DATASETS
+from .methods import METHODS
 from .models import MODELS, model_block_info
 from .pairing import PAIRINGS
 from .registry import suggest
+from .sections import MethodSection, Section
 
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line naming the key."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -106,67 +102,10 @@ class CohortConfig(Section):
 
 # -------------------------------------------------------------------------- methods
 
-KLDirection = Literal["student_teacher", "teacher_student"]
-
-
-class MethodSection(Section):
-    # True when every peer must have the same number of blocks (block-wise methods).
-    aligns_blocks: ClassVar[bool] = False
-
-
-class VanillaConfig(MethodSection):
-    """Cross-entropy only; peers train independently (the baseline)."""
-
-    name: Literal["vanilla"] = "vanilla"
-
-
-class DMLConfig(MethodSection):
-    """Deep mutual learning: CE + T^2 KL to each teacher's softened prediction."""
-
-    name: Literal["dml"] = "dml"
-    temperature: float = Field(3.0, gt=0)
-    kl_direction: KLDirection = "teacher_student"
-    rampup_epochs: float = Field(1.0, ge=0)  # distillation weight ramps up over these epochs
-
-
-class AMLNConfig(MethodSection):
-    """AMLN (ECCV 2020) section 3; ``kl``/``feature``/``adversarial`` give Table 6's cases."""
-
-    aligns_blocks: ClassVar[bool] = True
-    name: Literal["amln"] = "amln"
-    temperature: float = Field(3.0, gt=0)
-    beta: float = Field(1.0, ge=0)
-    kl: bool = True
-    feature: bool = True
-    adversarial: bool = True
-    kl_direction: KLDirection = "student_teacher"
-    disc_lr: float = Field(1e-3, gt=0)
-    rampup_epochs: float = Field(1.0, ge=0)
-    # Open choices of the paper (docs/methods.md); the defaults are the equations as printed.
-    adv_weight: float = Field(1.0, ge=0)  # weight on L_D in eq. 3 (printed: 1)
-    feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps
-    block_reduce: Literal["sum", "mean"] = "sum"  # L_D and L_F over blocks (printed: sum)
-    gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
-
-
-class AFDConfig(MethodSection):
-    """Online adversarial feature-map distillation (Chung et al., ICML 2020)."""
-
-    name: Literal["afd"] = "afd"
-    temperature: float = Field(3.0, gt=0)
-    kl: bool = True
-    kl_direction: KLDirection = "teacher_student"
-    disc_lr: float = Field(1e-3, gt=0)
-    rampup_epochs: float = Field(1.0, ge=0)
-
-
-MethodConfig = Annotated[VanillaConfig | DMLConfig | AMLNConfig | AFDConfig, Field(discriminator="name")]
-METHOD_CONFIGS: dict[str, type[MethodSection]] = {
-    "vanilla": VanillaConfig,
-    "dml": DMLConfig,
-    "amln": AMLNConfig,
-    "afd": AFDConfig,
-}
+# Each method's config class lives in its own file (cohort/methods/<name>.py) and is
+# registered with the method; the ``method`` section is their union, tagged by name.
+METHOD_CONFIGS: dict[str, type[MethodSection]] = {name: METHODS.get(name).config_class for name in METHODS.names()}
+MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 DEFAULT_METHOD = "amln"
 
 
@@ -211,7 +150,7 @@ class Config(Section):
 
     data: DataConfig = Field(default_factory=DataConfig)
     cohort: CohortConfig = Field(default_factory=CohortConfig)
-    method: MethodConfig = Field(default_factory=AMLNConfig)
+    method: MethodConfig = Field(default_factory=METHOD_CONFIGS[DEFAULT_METHOD])
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
@@ -425,18 +364,14 @@ def explain(problem: dict[str, Any], key: str, holder: type[BaseModel] | None) -
 
 
 __all__ = [
-    "AFDConfig",
-    "AMLNConfig",
     "CohortConfig",
     "Config",
     "ConfigError",
-    "DMLConfig",
     "DataConfig",
     "METHOD_CONFIGS",
     "OptimConfig",
     "RunConfig",
     "RESUMABLE_KEYS",
-    "VanillaConfig",
     "check_resume",
     "load_config",
     "read_run_config",

@@ -128,9 +128,7 @@ class Peer:
         )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
         self.critic_params = critic
-        self.critic_optimizer = (
-            torch.optim.Adam(critic, lr=self.config.method.disc_lr, betas=(0.5, 0.999)) if critic else None
-        )
+        self.critic_optimizer = self.method.critic_optimizer(critic)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision for forward passes and losses (``run.precision``); a no-op in fp32."""
@@ -170,7 +168,7 @@ class Peer:
         with self.autocast():
             output = self.model(x)
         self._pending = (step, output, y)
-        message = self.method.message(output, self.index, step).to("cpu", self.transport_dtype)
+        message = self.method.checked_message(output, self.extras, self.index, step).to("cpu", self.transport_dtype)
         return message.to_wire() if self.send_numpy else message
 
     def learn(self, step: int, *teacher_messages: Message) -> dict[str, float]:
@@ -180,7 +178,8 @@ class Peer:
         _, output, targets = self._pending
         self._pending = None
         self._check_teachers(step, teacher_messages)
-        teachers = [m.from_wire().to(self.device, torch.float32) for m in teacher_messages]
+        reads = self.method.teacher_fields()
+        teachers = [m.from_wire().only(reads).to(self.device, torch.float32) for m in teacher_messages]
 
         for p in self.critic_params:  # the peer's loss must not train its critics
             p.requires_grad_(False)

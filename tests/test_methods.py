@@ -53,7 +53,7 @@ def compute_terms(overrides: list[str]) -> dict[str, float]:
     layout, own, message, targets = fixed_inputs()
     torch.manual_seed(0)
     extras = method.build_extras(layout, {1: layout}, 10)
-    message = method.message(Output(message.logits, message.blocks, message.blocks[-1]), 1, 0)
+    message = method.message(Output(message.logits, message.blocks, message.blocks[-1]), extras, 1, 0)
     terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
     return {k: float(v.detach()) for k, v in terms.items()}
 
@@ -183,10 +183,12 @@ def test_alignment_container_reaches_the_teachers_final_shape(size):
 
 def test_messages_publish_only_what_the_method_reads():
     layout, own, _, _ = fixed_inputs()
-    dml = build_method(load_config(None, ["method.name=dml"]).method).message(own, 0, 0)
-    afd = build_method(load_config(None, ["method.name=afd"]).method).message(own, 0, 0)
-    amln = build_method(load_config(None, ["method.name=amln"]).method).message(own, 0, 0)
-    assert dml.blocks is None and dml.logits is not None
+    dml = build_method(load_config(None, ["method.name=dml"]).method).message(own, {}, 0, 0)
+    afd = build_method(load_config(None, ["method.name=afd"]).method).message(own, {}, 0, 0)
+    amln = build_method(load_config(None, ["method.name=amln"]).method).message(own, {}, 0, 0)
+    assert set(dml.fields) == {"logits"} and dml.logits is not None
+    with pytest.raises(KeyError, match="has no 'blocks' \\(it carries: logits\\)"):
+        dml.blocks
     assert len(afd.blocks) == 1 and afd.blocks[0].shape == own.blocks[-1].shape
     assert len(amln.blocks) == 3
 
@@ -203,7 +205,7 @@ def test_rampup_weight():
 
 def test_vanilla_publishes_nothing():
     _, own, _, _ = fixed_inputs()
-    message = build_method(load_config(None, ["method.name=vanilla"]).method).message(own, 0, 0)
+    message = build_method(load_config(None, ["method.name=vanilla"]).method).message(own, {}, 0, 0)
     assert message.tensors() == []
 
 
@@ -360,3 +362,48 @@ def test_the_grad_norm_of_ce_is_the_norm_of_the_ce_gradient():
     )
     found = peer.diagnostics(output, {"ce": ce}, [])
     assert found["grad_norm/ce"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_method_must_publish_what_its_losses_read():
+    from cohort.methods.base import Method
+
+    with pytest.raises(TypeError, match=r"read \['blocks'\].*which it does not publish"):
+
+        class ReadsUnpublished(Method):  # noqa: F841 - defining it is the test
+            publishes = ("logits",)
+            reads = ("logits", "blocks")
+
+
+def test_a_message_missing_a_declared_field_is_an_error_at_publish():
+    _, own, _, _ = fixed_inputs()
+    method = build_method(load_config(None, ["method.name=dml"]).method)
+    method.message = lambda output, extras, source, step: Message(source, step)  # publishes nothing
+    with pytest.raises(TypeError, match=r"published \[\], but the class declares publishes = \('logits',\)"):
+        method.checked_message(own, {}, 0, 0)
+
+
+def test_losses_see_only_the_fields_a_method_declares_it_reads():
+    """Peer.learn hands losses teacher messages cut to ``reads``: a loss that reads an
+    undeclared field fails with the field's name, not with a silent extra dependency."""
+    _, own, message, targets = fixed_inputs()
+    method = build_method(load_config(None, ["method.name=dml"]).method)
+    cut = message.only(method.teacher_fields())
+    assert set(cut.fields) == {"logits"}
+    with pytest.raises(KeyError, match="has no 'blocks'"):
+        cut.blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_named_field_crosses_the_wire(dtype):
+    """Transport works for every field, not only logits and blocks."""
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.nn.functional.normalize(torch.randn(8, 128, generator=g), dim=1)
+    stages = (torch.randn(8, 16, generator=g), torch.randn(8, 32, generator=g))
+    feature = torch.randn(8, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    sent = Message(2, 7, embedding=embedding, stages=stages, map=feature).to("cpu", dtype)
+    back = sent.to_wire().from_wire()
+    assert (back.source, back.step, set(back.fields)) == (2, 7, {"embedding", "stages", "map"})
+    assert torch.equal(back["embedding"], sent["embedding"]) and back["embedding"].dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(back["stages"], sent["stages"], strict=True))
+    assert back["map"].is_contiguous(memory_format=torch.channels_last)
+    assert sent.nbytes == sent.to_wire().nbytes == (8 * 128 + 8 * 48 + 8 * 100) * (4 if dtype == torch.float32 else 2)

@@ -10,10 +10,8 @@ from .dml import DML
 from .vanilla import Vanilla
 
 METHODS: Registry[type[Method]] = Registry("method")
-METHODS.add("vanilla", Vanilla)
-METHODS.add("dml", DML)
-METHODS.add("amln", AMLN)
-METHODS.add("afd", AFD)
+for method in (Vanilla, DML, AMLN, AFD):
+    METHODS.add(method.name(), method)  # the name is the ``name`` literal of its config class
 
 
 def build_method(config) -> Method:

@@ -14,20 +14,36 @@ Adam for the discriminator as in AMLN.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..sections import KLDirection, MethodSection
 from . import functional as L
 from .base import Message, Method, mean_over_teachers, teacher_key
-from .extras import FeatureDiscriminator
+from .extras import FeatureDiscriminator, gan_adam
+
+
+class AFDConfig(MethodSection):
+    """Online adversarial feature-map distillation (Chung et al., ICML 2020)."""
+
+    name: Literal["afd"] = "afd"
+    temperature: float = Field(3.0, gt=0)
+    kl: bool = True
+    kl_direction: KLDirection = "teacher_student"
+    disc_lr: float = Field(1e-3, gt=0)
+    rampup_epochs: float = Field(1.0, ge=0)
 
 
 class AFD(Method):
+    config_class = AFDConfig
     publishes = ("logits", "blocks")
     distillation_terms = frozenset({"kl", "adv"})
     critic_terms = frozenset({"disc"})
 
-    def message(self, output, source, step):
+    def message(self, output, extras, source, step):
         """Only the last block's map travels: AFD reads nothing else."""
         return Message(source, step, logits=output.logits, blocks=(output.blocks[-1],)).detached()
 
@@ -57,6 +73,9 @@ class AFD(Method):
 
     def critic_parameters(self, extras):
         return list(extras["disc"].parameters())
+
+    def critic_optimizer(self, parameters):
+        return gan_adam(parameters, self.config.disc_lr) if parameters else None
 
     def extras_step(self, output, teachers, extras):
         per_teacher = []

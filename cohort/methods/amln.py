@@ -22,14 +22,39 @@ Choices the paper leaves open (see also functional.py):
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+from pydantic import Field
 from torch import nn
 
+from ..sections import KLDirection, MethodSection
 from . import functional as L
 from .base import Method, mean_over_teachers, teacher_key
-from .extras import AlignmentContainer, FeatureDiscriminator
+from .extras import AlignmentContainer, FeatureDiscriminator, gan_adam
+
+
+class AMLNConfig(MethodSection):
+    """AMLN (ECCV 2020) section 3; ``kl``/``feature``/``adversarial`` give Table 6's cases."""
+
+    aligns_blocks: ClassVar[bool] = True
+    name: Literal["amln"] = "amln"
+    temperature: float = Field(3.0, gt=0)
+    beta: float = Field(1.0, ge=0)
+    kl: bool = True
+    feature: bool = True
+    adversarial: bool = True
+    kl_direction: KLDirection = "student_teacher"
+    disc_lr: float = Field(1e-3, gt=0)
+    rampup_epochs: float = Field(1.0, ge=0)
+    # Open choices of the paper (docs/methods.md); the defaults are the equations as printed.
+    adv_weight: float = Field(1.0, ge=0)  # weight on L_D in eq. 3 (printed: 1)
+    feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps
+    block_reduce: Literal["sum", "mean"] = "sum"  # L_D and L_F over blocks (printed: sum)
+    gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
 
 
 class AMLN(Method):
+    config_class = AMLNConfig
     publishes = ("logits", "blocks")
     distillation_terms = frozenset({"kl", "feat", "adv"})
     critic_terms = frozenset({"disc"})
@@ -81,6 +106,9 @@ class AMLN(Method):
 
     def critic_parameters(self, extras):
         return list(extras["disc"].parameters())
+
+    def critic_optimizer(self, parameters):
+        return gan_adam(parameters, self.config.disc_lr) if parameters else None
 
     def extras_step(self, output, teachers, extras):
         if not self.config.adversarial:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -18,22 +18,54 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import BlockInfo, Output
+from ..sections import MethodSection
 
 Blocks = tuple[BlockInfo, ...]
 
 
-@dataclass(frozen=True)
-class Message:
-    """What one peer publishes at one step: detached tensors, nothing else.
+Field = Tensor | tuple[Tensor, ...]  # one published value: a tensor or a tuple of them (blocks)
 
-    ``source`` is the publishing peer's index; fields a method does not need stay None.
+
+class MissingField(KeyError):
+    """A message field that was not published (or not declared in ``Method.reads``)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; this is a sentence
+        return str(self.args[0])
+
+
+class Message:
+    """What one peer publishes at one step: named detached tensors, nothing else.
+
+    ``source`` is the publishing peer's index. A method publishes whatever its losses
+    read (``Method.publishes``): logits and blocks for AMLN, embeddings for MCL. The
+    common fields are attributes (``message.logits``, ``message.blocks``); any field is
+    ``message["name"]``. Reading a field the message does not carry is a KeyError
+    that names what it does carry.
     """
 
-    source: int
-    step: int
-    logits: Tensor | None = None
-    blocks: tuple[Tensor, ...] | None = None
-    pooled: Tensor | None = None
+    def __init__(self, source: int, step: int, **fields: Field) -> None:
+        self.source, self.step = source, step
+        self.fields: dict[str, Field] = dict(fields)
+
+    def __getitem__(self, name: str) -> Field:
+        try:
+            return self.fields[name]
+        except KeyError:
+            carried = ", ".join(self.fields) or "nothing"
+            raise KeyError(
+                f"peer {self.source}'s message at step {self.step} has no '{name}' (it carries: {carried})"
+            ) from None
+
+    @property
+    def logits(self) -> Tensor:
+        return self["logits"]
+
+    @property
+    def blocks(self) -> tuple[Tensor, ...]:
+        return self["blocks"]
+
+    def __repr__(self) -> str:
+        return f"Message(source={self.source}, step={self.step}, fields={sorted(self.fields)})"
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Message:
         """A copy with every tensor detached, moved and cast (for transport or use)."""
@@ -42,27 +74,33 @@ class Message:
     def detached(self) -> Message:
         return self.map(Tensor.detach)
 
+    def only(self, names: tuple[str, ...] | frozenset[str]) -> Message:
+        """The same message carrying only ``names`` (what a method declared it reads)."""
+        return Message(self.source, self.step, **{k: v for k, v in self.fields.items() if k in names})
+
     def map(self, fn) -> Message:
-        return replace(
-            self,
-            logits=None if self.logits is None else fn(self.logits),
-            blocks=None if self.blocks is None else tuple(fn(b) for b in self.blocks),
-            pooled=None if self.pooled is None else fn(self.pooled),
-        )
+        """A message with ``fn`` applied to every tensor of every field."""
+        mapped = {
+            name: tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
+            for name, value in self.fields.items()
+        }
+        return Message(self.source, self.step, **mapped)
 
     def tensors(self) -> list[Tensor]:
         found: list[Tensor] = []
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Tensor):
-                found.append(value)
-            elif isinstance(value, tuple):
-                found.extend(v for v in value if isinstance(v, Tensor))
-        return found
+        for value in self.fields.values():
+            found.extend(value if isinstance(value, tuple) else (value,))
+        return [t for t in found if isinstance(t, Tensor)]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes of tensor data this message carries (what crosses the object store)."""
+        total = 0
+        for value in self.fields.values():
+            for item in value if isinstance(value, tuple) else (value,):
+                item = item.array if isinstance(item, NHWC) else item
+                total += item.nbytes if isinstance(item, np.ndarray) else item.numel() * item.element_size()
+        return total
 
     def to_wire(self) -> Message:
         """The tensors as numpy arrays (bfloat16 as its raw int16 bits), sharing memory.
@@ -120,8 +158,15 @@ RESERVED_TERMS = frozenset({"loss", "top1"})  # what Peer.learn logs beside the 
 
 
 class Method:
-    """Base of every method. Subclasses set ``publishes``, declare the names of the
-    terms ``losses`` returns, and implement ``losses``.
+    """Base of every method. A method is one file: a subclass of this, its config class
+    (a ``MethodSection``, set as ``config_class``), its extras and, if it has critics,
+    their optimizer; ``methods/__init__.py`` registers it in one line.
+
+    ``publishes`` names the fields ``message`` sends; ``reads`` names the fields its
+    losses read from teachers' messages (default: all it publishes). Reading a field
+    outside ``publishes`` is an error when the class is defined; at run time losses
+    see teacher messages carrying only ``reads``, and a message that lacks a field it
+    declares is an error at the first publish.
 
     Every term is declared once: ``supervised_terms`` (label terms, never ramped),
     ``distillation_terms`` (scaled by the ramp-up) or ``critic_terms`` (returned by
@@ -129,7 +174,9 @@ class Method:
     silently ramped; a declared name that Peer.learn logs itself is an error at import.
     """
 
+    config_class: ClassVar[type[MethodSection]]
     publishes: ClassVar[tuple[str, ...]] = ("logits",)
+    reads: ClassVar[tuple[str, ...] | None] = None  # None: everything it publishes
     supervised_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
     distillation_terms: ClassVar[frozenset[str]] = frozenset()
     critic_terms: ClassVar[frozenset[str]] = frozenset()
@@ -144,20 +191,54 @@ class Method:
             raise TypeError(
                 f"{cls.__name__}: a loss term is declared in more than one of supervised/distillation/critic"
             )
+        unpublished = set(cls.teacher_fields()) - set(cls.publishes)
+        if unpublished:
+            raise TypeError(
+                f"{cls.__name__}: its losses read {sorted(unpublished)} from teachers' messages, "
+                f"which it does not publish (publishes = {cls.publishes})"
+            )
 
-    def __init__(self, config) -> None:
+    @classmethod
+    def name(cls) -> str:
+        """The registry name: the ``name`` literal of the method's config class."""
+        return cls.config_class.model_fields["name"].default
+
+    @classmethod
+    def teacher_fields(cls) -> tuple[str, ...]:
+        """The message fields the losses read (``reads``, or all of ``publishes``)."""
+        return cls.publishes if cls.reads is None else cls.reads
+
+    def __init__(self, config: MethodSection) -> None:
         self.config = config
 
     def build_extras(self, own: Blocks, teachers: Mapping[int, Blocks], num_classes: int) -> nn.ModuleDict:
-        """The peer's own learnable extras (discriminators, alignment containers),
-        built from block layouts only; ``teachers`` maps every possible teacher's
-        index to its layout."""
+        """The peer's own learnable extras (discriminators, alignment containers,
+        projection heads), built from block layouts only; ``teachers`` maps every
+        possible teacher's index to its layout."""
         return nn.ModuleDict()
 
-    def message(self, output: Output, source: int, step: int) -> Message:
-        """Publish only what this method's losses read, detached from the graph."""
+    def message(self, output: Output, extras: nn.ModuleDict, source: int, step: int) -> Message:
+        """Publish only what this method's losses read, detached from the graph. The
+        default takes ``publishes`` from the model's output; a method that publishes
+        what its extras compute (a projection head's embedding) overrides this."""
         chosen = {name: getattr(output, name) for name in self.publishes}
         return Message(source, step, **chosen).detached()
+
+    def checked_message(self, output: Output, extras: nn.ModuleDict, source: int, step: int) -> Message:
+        """``message``, raising TypeError if it does not carry exactly ``publishes``."""
+        message = self.message(output, extras, source, step)
+        if set(message.fields) != set(self.publishes):
+            raise TypeError(
+                f"{type(self).__name__}.message published {sorted(message.fields)}, "
+                f"but the class declares publishes = {self.publishes}"
+            )
+        return message
+
+    def critic_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        """The optimizer of ``critic_parameters`` (discriminators); None without critics."""
+        if parameters:
+            raise TypeError(f"{type(self).__name__} has critic parameters but no critic_optimizer")
+        return None
 
     def losses(
         self,
@@ -192,7 +273,7 @@ class Method:
             )
 
     def critic_parameters(self, extras: nn.ModuleDict) -> list[nn.Parameter]:
-        """Extras trained by ``extras_step`` with their own optimizer (discriminators)."""
+        """Extras trained by ``extras_step`` with ``critic_optimizer`` (discriminators)."""
         return []
 
     def extras_step(self, output: Output, teachers: Sequence[Message], extras: nn.ModuleDict) -> dict[str, Tensor]:

@@ -7,11 +7,26 @@ softens both predictions, which is the common online-KD practice.
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from ..sections import KLDirection, MethodSection
 from . import functional as L
 from .base import Method, mean_over_teachers
 
 
+class DMLConfig(MethodSection):
+    """Deep mutual learning: CE + T^2 KL to each teacher's softened prediction."""
+
+    name: Literal["dml"] = "dml"
+    temperature: float = Field(3.0, gt=0)
+    kl_direction: KLDirection = "teacher_student"
+    rampup_epochs: float = Field(1.0, ge=0)  # distillation weight ramps up over these epochs
+
+
 class DML(Method):
+    config_class = DMLConfig
     publishes = ("logits",)
     distillation_terms = frozenset({"kl"})
 

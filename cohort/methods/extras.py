@@ -89,3 +89,9 @@ class AlignmentContainer(nn.Module):
         if target_size is not None and tuple(out.shape[-2:]) != tuple(target_size):
             out = F.adaptive_avg_pool2d(out, target_size)  # only for layouts outside the zoo
         return out
+
+
+def gan_adam(parameters: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """The discriminators' optimizer: Adam with betas (0.5, 0.999), the usual GAN setting
+    (AMLN and AFD leave it open; ``method.disc_lr`` sets the rate)."""
+    return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from ..sections import MethodSection
 from . import functional as L
 from .base import Method
 
 
+class VanillaConfig(MethodSection):
+    """Cross-entropy only; peers train independently (the baseline)."""
+
+    name: Literal["vanilla"] = "vanilla"
+
+
 class Vanilla(Method):
+    config_class = VanillaConfig
     publishes = ()  # no peer reads anything; the ensemble is computed from evaluation
 
     def losses(self, output, targets, teachers, extras):
