@@ -48,6 +48,8 @@ class DataConfig(Section):
     test_subset: int | None = Field(None, ge=1)
     val_split: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of training images held out
     download: bool = False
+    sampler: Literal["random", "class_balanced"] = "random"  # class_balanced: per_class images of each class drawn
+    per_class: int = Field(2, ge=1)  # images of each drawn class in a class-balanced batch
     augment: bool = True  # random crop with padding + horizontal flip on training batches
     workers: int = Field(0, ge=0)  # DataLoader workers for image-folder datasets
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -56,6 +58,27 @@ class DataConfig(Section):
     @classmethod
     def _known_dataset(cls, name: str) -> str:
         return DATASETS.validate(name)
+
+    @model_validator(mode="after")
+    def _balanced_batches_fit(self) -> DataConfig:
+        if self.sampler != "class_balanced":
+            return self
+        if self.batch_size % self.per_class:
+            raise ValueError(
+                f"data.per_class: batch_size {self.batch_size} is not a multiple of per_class {self.per_class}"
+            )
+        try:
+            classes = DATASETS.get(self.name).info(self).num_classes
+        except OSError:  # an unreadable image folder: check_available reports it, naming the path
+            return self
+        wanted = self.batch_size // self.per_class
+        if wanted > classes:
+            raise ValueError(
+                f"data.per_class: a class-balanced batch of {self.batch_size} with per_class {self.per_class} "
+                f"needs {wanted} classes but {self.name} has {classes}; use per_class >= "
+                f"{-(-self.batch_size // classes)} dividing batch_size"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- cohort
@@ -120,7 +143,8 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
-    milestones: list[int] = Field(default_factory=lambda: [2])  # epochs where lr *= gamma
+    schedule: Literal["step", "cosine"] = "step"  # step: lr *= gamma at milestones; cosine: to 0 over the epochs
+    milestones: list[int] = Field(default_factory=lambda: [2])  # epochs where lr *= gamma (schedule=step)
     gamma: float = Field(0.1, gt=0, le=1)
 
     @field_validator("milestones")
@@ -277,6 +301,11 @@ def check_resume(saved: Config, new: Config) -> None:
     """A resumed run may differ from its saved config only in ``RESUMABLE_KEYS``: the
     checkpoint fixes the training maths. One-line ConfigError naming the first key."""
     before, after = flatten(saved.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    if saved.optim.schedule == "cosine" and saved.optim.epochs != new.optim.epochs:
+        raise ConfigError(
+            f"--resume: optim.epochs cannot change under optim.schedule=cosine (the cosine spans the "
+            f"run's {saved.optim.epochs} epochs; changing it changes every remaining learning rate)"
+        )
     for key in sorted(before.keys() | after.keys()):
         if key not in RESUMABLE_KEYS and before.get(key) != after.get(key):
             raise ConfigError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,6 +108,68 @@ class BatchPlan:
 @lru_cache(maxsize=4)
 def _permutation(size: int, seed: int) -> Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True, eq=False)
+class ClassBalancedPlan(BatchPlan):
+    """``data.sampler=class_balanced``: every batch is ``per_class`` images of each of
+    ``batch_size / per_class`` classes, the recipe of MCL/L-MCL's official CIFAR runs
+    (64 classes x 2 images), so a supervised-contrastive anchor always has positives.
+
+    Epoch e: each class's positions in a seeded order, read as a cycle; step s draws
+    its classes without replacement (seeded by e and s) and takes the next
+    ``per_class`` positions of each. The epoch keeps ``size // batch_size`` steps. All
+    seeds derive from the run seed, so every peer, in any process, reads the same
+    batches.
+    """
+
+    labels: Tensor | None = None  # the class of each position in the train split
+    per_class: int = 2
+    _epochs: dict[int, Tensor] = field(default_factory=dict, repr=False)  # the last epoch's batches
+
+    def positions(self, step: int) -> Tensor:
+        epoch, within = self.locate(step)
+        if epoch not in self._epochs:
+            self._epochs.clear()
+            self._epochs[epoch] = _balanced_epoch(self, epoch)
+        return self._epochs[epoch][within]
+
+    @property
+    def classes_per_batch(self) -> int:
+        return self.batch_size // self.per_class
+
+
+def _balanced_epoch(plan: ClassBalancedPlan, epoch: int) -> Tensor:
+    """The (steps, batch_size) positions of one class-balanced epoch."""
+    assert plan.labels is not None
+    classes = plan.labels.unique()
+    streams = []
+    for c in classes.tolist():
+        members = (plan.labels == c).nonzero().flatten()
+        order = torch.randperm(
+            len(members), generator=torch.Generator().manual_seed(seed_for(plan.seed, "cls", epoch, c))
+        )
+        streams.append(members[order])
+    cursor = [0] * len(classes)
+    batches = []
+    for step in range(plan.steps_per_epoch):
+        g = torch.Generator().manual_seed(seed_for(plan.seed, "classes", epoch, step))
+        chosen = torch.randperm(len(classes), generator=g)[: plan.classes_per_batch].tolist()
+        batch = []
+        for k in chosen:
+            stream = streams[k]
+            take = (cursor[k] + torch.arange(plan.per_class)) % len(stream)
+            batch.append(stream[take])
+            cursor[k] += plan.per_class
+        batches.append(torch.cat(batch))
+    return torch.stack(batches)
+
+
+def make_plan(config: DataConfig, labels: Tensor, seed: int) -> BatchPlan:
+    """The batch plan ``data.sampler`` names, over a train split with these labels."""
+    if config.sampler == "class_balanced":
+        return ClassBalancedPlan(len(labels), config.batch_size, seed, labels=labels, per_class=config.per_class)
+    return BatchPlan(len(labels), config.batch_size, seed)
 
 
 # ------------------------------------------------------------------------- splits
@@ -279,7 +341,7 @@ def in_memory(
             train=TensorSplit(train_x[train_idx], train_y[train_idx], info, augment),
             val=TensorSplit(train_x[val_idx], train_y[val_idx], info, None) if len(val_idx) else None,
             test=TensorSplit(test_x[test_idx], test_y[test_idx], info, None),
-            plan=BatchPlan(len(train_idx), config.batch_size, seed),
+            plan=make_plan(config, train_y[train_idx], seed),
         )
 
     return DatasetSpec(info=info, load=load, check=arrays)  # arrays are cached per process
@@ -454,7 +516,7 @@ def load_image_folders(config: DataConfig, info: DatasetInfo, seed: int, pin_mem
         train=split(train_folder, train_idx, train_tf),
         val=split(train_folder, val_idx, test_tf) if len(val_idx) else None,
         test=split(test_folder, test_idx, test_tf),
-        plan=BatchPlan(len(train_idx), config.batch_size, seed),
+        plan=make_plan(config, torch.tensor(train_folder.targets)[train_idx], seed),
     )
 
 

@@ -126,7 +126,10 @@ class Peer:
             nesterov=optim.nesterov and optim.momentum > 0,
             weight_decay=optim.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
+        if optim.schedule == "cosine":  # per epoch, as MCL/L-MCL's official recipe; reaches 0 after the last epoch
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=optim.epochs)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
         self.critic_params = critic
         self.critic_optimizer = self.method.critic_optimizer(critic)
 

@@ -145,3 +145,24 @@ def test_the_progress_bar_reopens_when_a_recovery_rewinds_the_epoch(monkeypatch)
     reporter.on_step(2, terms)
     reporter.on_step(3, terms)  # the epoch's last step closes its bar
     assert reporter.bar is None
+
+
+def test_cosine_schedule_follows_the_half_cosine_per_epoch():
+    import math
+
+    from cohort.peer import Peer
+
+    config = synthetic_config(None, "optim.schedule=cosine", "optim.epochs=4", "run.precise_bn_batches=0")
+    peer = Peer(0, config)
+    rates = []
+    for epoch in range(4):
+        rates.append(peer.optimizer.param_groups[0]["lr"])
+        peer.finish_epoch(epoch)
+    assert rates == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+
+
+def test_cosine_runs_cannot_resume_with_another_length():
+    saved = synthetic_config(None, "optim.schedule=cosine", "optim.epochs=4")
+    check_resume(saved, synthetic_config(None, "optim.schedule=cosine", "optim.epochs=4", "run.max_failures=5"))
+    with pytest.raises(ConfigError, match="optim.epochs cannot change under optim.schedule=cosine"):
+        check_resume(saved, synthetic_config(None, "optim.schedule=cosine", "optim.epochs=6"))

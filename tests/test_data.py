@@ -138,3 +138,52 @@ def test_cifar_without_files_says_how_to_get_them(tmp_path):
 def test_synthetic_data_is_deterministic():
     config = synthetic_config().data
     assert torch.equal(load_data(config, 0).test.images, load_data(config, 0).test.images)
+
+
+BALANCED = ["data.name=synthetic", "data.train_subset=null", "data.synthetic.train_size=200", "data.batch_size=16"]
+
+
+@pytest.mark.parametrize("per_class", [2, 4])
+def test_class_balanced_batches_hold_per_class_images_of_each_drawn_class(per_class):
+    overrides = ["run.seed=3", *BALANCED, "data.sampler=class_balanced", f"data.per_class={per_class}"]
+    data = load_data(load_config(None, overrides[1:]).data, seed=3)
+    train_labels = data.train.labels
+    seen = []
+    for step in range(3 * data.plan.steps_per_epoch):
+        positions = data.plan.positions(step)
+        counts = torch.bincount(train_labels[positions], minlength=10)
+        assert len(positions) == 16
+        assert sorted(counts[counts > 0].tolist()) == [per_class] * (16 // per_class), step
+        assert torch.equal(data.train_batch(step)[1], train_labels[positions])
+        seen.append(positions)
+    assert data.plan.steps_per_epoch == 200 // 16
+    first_epoch = torch.cat(seen[: data.plan.steps_per_epoch])
+    for c in range(10):  # each class is read as a cycle: no image twice before all of its class was read
+        taken = first_epoch[train_labels[first_epoch] == c]
+        members = int((train_labels == c).sum())
+        assert len(taken[:members].unique()) == min(len(taken), members)
+    assert not torch.equal(seen[0], seen[data.plan.steps_per_epoch])  # a new order every epoch
+
+
+def test_class_balanced_batches_are_identical_in_another_process():
+    overrides = ["run.seed=5", *BALANCED, "data.sampler=class_balanced", "data.per_class=4"]
+    here = batch_digests(overrides)
+    there = subprocess.run(
+        [sys.executable, "-c", BATCH_DIGEST_SCRIPT, *overrides], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.split("\n")[:-1]
+    assert here == there
+    assert here != batch_digests(["run.seed=5", *BALANCED])  # the sampler changes the batches
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.per_class=3"], "data.per_class: batch_size 128 is not a multiple of per_class 3"),
+        (["data.per_class=2"], "needs 64 classes but fashion_mnist has 10; use per_class >= 13"),
+    ],
+)
+def test_class_balanced_batches_that_cannot_be_drawn_are_config_errors(overrides, expected):
+    from cohort.config import ConfigError
+
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["data.sampler=class_balanced", *overrides])
