@@ -237,6 +237,7 @@ def test_a_sweep_over_cohort_sizes_writes_results_and_a_loadable_best_peer(tmp_p
     assert model(cohort_input(meta)).logits.shape == (2, 10)
 
     assert_png_with_content(sweep_dir / "sweep.png")
+    assert_png_with_content(sweep_dir / "curves.png")
     for curves in sweep_dir.glob("*/run/curves.png"):
         assert_png_with_content(curves)
 
@@ -324,3 +325,32 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_where_it_stopped(tmp_path):
     results = pl.read_parquet(sweep_dir / "results.parquet")
     assert sorted(results["method.temperature"].to_list()) == [2.0, 4.0]
     assert results["status"].to_list() == ["done", "done"] and results["epochs"].to_list() == [3, 3]
+
+
+def test_curve_stats_average_peers_then_seeds():
+    """curves.png's numbers: per configuration and epoch, the mean over peers within a
+    trial, then mean and std over the configuration's seeds."""
+    import polars as pl
+
+    from tuning.plots import curve_stats
+
+    def trial(values: dict[int, list[float]]) -> pl.DataFrame:  # epoch -> per-peer test top-1
+        rows = [
+            {"run": "r", "epoch": e, "peer": p, "split": "test", "metric": "top1", "value": v}
+            for e, per_peer in values.items()
+            for p, v in enumerate(per_peer)
+        ]
+        rows.append({"run": "r", "epoch": 1, "peer": None, "split": "test", "metric": "ensemble_top1", "value": 0.0})
+        return pl.DataFrame(rows)
+
+    metrics = [
+        ("dml", trial({1: [0.5, 0.7], 2: [0.8, 0.8]})),
+        ("dml", trial({1: [0.7, 0.9], 2: [0.9, 0.9]})),
+        ("vanilla", trial({1: [0.4, 0.4], 2: [0.6, 0.6]})),
+    ]
+    stats = curve_stats(metrics, "test", "top1")
+    dml = stats.filter(pl.col("configuration") == "dml").sort("epoch")
+    assert dml["mean"].to_list() == pytest.approx([0.7, 0.85])
+    assert dml["std"].to_list() == pytest.approx([0.1414213562, 0.0707106781])
+    vanilla = stats.filter(pl.col("configuration") == "vanilla")
+    assert vanilla["mean"].to_list() == pytest.approx([0.4, 0.6]) and vanilla["std"].to_list() == [0.0, 0.0]

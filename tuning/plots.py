@@ -79,3 +79,70 @@ def write_sweep_plot(frame: pl.DataFrame, sweep: SweepConfig, path: Path) -> Pat
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100, format="png")
     return path
+
+
+CURVE_PANELS = [
+    ("val", "top1", "validation top-1 (%)"),
+    ("test", "top1", "test top-1 (%)"),
+    ("train", "ce", "training cross-entropy"),
+]
+
+
+def configuration_label(row: dict, sweep: SweepConfig) -> str:
+    """A short name for one configuration: its swept values other than the seed."""
+    parts = [f"{key}={row[key]}" for key in sweep.space if key != SEED_KEY and key in row]
+    return ", ".join(parts) or sweep.name
+
+
+def curve_stats(metrics: list[tuple[str, pl.DataFrame]], split: str, metric: str) -> pl.DataFrame:
+    """Per (configuration, epoch): the mean over peers within a trial, then mean and std
+    over that configuration's trials (its seeds)."""
+    per_trial = [
+        frame.filter((pl.col("split") == split) & (pl.col("metric") == metric) & pl.col("peer").is_not_null())
+        .group_by("epoch")
+        .agg(pl.col("value").mean())
+        .with_columns(pl.lit(label).alias("configuration"))
+        for label, frame in metrics
+    ]
+    per_trial = [f for f in per_trial if not f.is_empty()]
+    if not per_trial:
+        return pl.DataFrame()
+    return (
+        pl.concat(per_trial)
+        .group_by("configuration", "epoch", maintain_order=True)
+        .agg(pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0.0).alias("std"))
+        .sort("configuration", "epoch")
+    )
+
+
+def write_curves_plot(metrics: list[tuple[str, pl.DataFrame]], sweep: SweepConfig, path: Path) -> Path | None:
+    """curves.png: validation and test top-1 and training CE per epoch, one line per
+    configuration (mean over peers, then mean ± std over seeds as a band). ``metrics``
+    pairs each finished trial's configuration label with its metrics frame."""
+    from matplotlib.figure import Figure
+
+    from cohort.checkpoint import atomic_path
+
+    if not metrics:
+        return None
+    figure = Figure(figsize=(15, 3.8))
+    axes = figure.subplots(1, len(CURVE_PANELS), squeeze=False)
+    for axis, (split, metric, title) in zip(axes.flat, CURVE_PANELS):
+        stats = curve_stats(metrics, split, metric)
+        scale = 100 if metric == "top1" else 1
+        for label in [] if stats.is_empty() else stats["configuration"].unique(maintain_order=True).to_list():
+            part = stats.filter(pl.col("configuration") == label)
+            epochs, mean, std = part["epoch"].to_list(), part["mean"] * scale, part["std"] * scale
+            axis.plot(epochs, mean.to_list(), marker="o", markersize=3, label=label)
+            axis.fill_between(epochs, (mean - std).to_list(), (mean + std).to_list(), alpha=0.2)
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if metric == "ce":
+            axis.set_yscale("log")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(f"sweep {sweep.name}: per-epoch curves, mean ± std over seeds")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    return path

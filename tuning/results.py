@@ -1,5 +1,6 @@
 """A finished sweep's outputs: results.parquet/.md (one row per trial), summary.md
-(mean ± std over seeds per configuration), sweep.png and the best peer.
+(mean ± std over seeds per configuration), sweep.png, curves.png (per-epoch curves
+per configuration) and the best peer.
 
 Everything is read from what trials reported to Tune and from their Tune
 checkpoints, so it works when trials ran on other nodes. Trials are ranked on the
@@ -110,8 +111,25 @@ def export_sweep_best(grid, sweep: SweepConfig, sweep_dir: Path) -> Path | None:
     return path
 
 
+def trial_metrics(grid, sweep: SweepConfig) -> list[tuple[str, pl.DataFrame]]:
+    """(configuration label, metrics frame) of every trial that left a checkpoint,
+    read through Tune's checkpoints so it works when trials ran on other nodes."""
+    from .plots import configuration_label
+
+    found = []
+    for result in grid:
+        if result.checkpoint is None:
+            continue
+        with result.checkpoint.as_directory() as folder:
+            path = Path(folder) / "metrics.parquet"
+            if path.is_file():
+                row = {key: scalar((result.config or {}).get(key)) for key in sweep.space}
+                found.append((configuration_label(row, sweep), read_metrics(path)))
+    return found
+
+
 def write_results(grid, sweep: SweepConfig, sweep_dir: Path) -> SweepSummary:
-    from .plots import write_sweep_plot
+    from .plots import write_curves_plot, write_sweep_plot
 
     rows = trial_rows(grid, sweep)
     frame = results_frame(rows)
@@ -128,5 +146,6 @@ def write_results(grid, sweep: SweepConfig, sweep_dir: Path) -> SweepSummary:
         + "\n",
     )
     write_sweep_plot(frame, sweep, sweep_dir / "sweep.png")
+    write_curves_plot(trial_metrics(grid, sweep), sweep, sweep_dir / "curves.png")
     best = export_sweep_best(grid, sweep, sweep_dir)
     return SweepSummary(table=table, best_peer_path=best, failed=int((frame["status"] == "error").sum()))
