@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from cohort.config import METHOD_CONFIGS, Config, ConfigError, load_config
-from cohort.methods import METHODS
-from cohort.methods import list_methods
+from cohort.methods import METHODS, list_methods
 from cohort.run import main
 
 from helpers import REPO

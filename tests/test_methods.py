@@ -31,6 +31,7 @@ METHOD_VARIANTS = {
     "amln_case_d": ["method.name=amln", "method.feature=false"],
     "amln_beta_2": ["method.name=amln", "method.beta=2"],
     "afd": ["method.name=afd"],
+    "mcl": ["method.name=mcl"],
 }
 
 
@@ -53,7 +54,8 @@ def compute_terms(overrides: list[str]) -> dict[str, float]:
     layout, own, message, targets = fixed_inputs()
     torch.manual_seed(0)
     extras = method.build_extras(layout, {1: layout}, 10)
-    message = method.message(Output(message.logits, message.blocks, message.blocks[-1]), extras, 1, 0)
+    teacher = Output(message.logits, message.blocks, message.blocks[-1].mean((2, 3)))
+    message = method.message(teacher, extras, 1, 0)
     terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
     return {k: float(v.detach()) for k, v in terms.items()}
 
@@ -188,7 +190,7 @@ def test_messages_publish_only_what_the_method_reads():
     amln = build_method(load_config(None, ["method.name=amln"]).method).message(own, {}, 0, 0)
     assert set(dml.fields) == {"logits"} and dml.logits is not None
     with pytest.raises(KeyError, match="has no 'blocks' \\(it carries: logits\\)"):
-        dml.blocks
+        _ = dml.blocks
     assert len(afd.blocks) == 1 and afd.blocks[0].shape == own.blocks[-1].shape
     assert len(amln.blocks) == 3
 
@@ -390,7 +392,7 @@ def test_losses_see_only_the_fields_a_method_declares_it_reads():
     cut = message.only(method.teacher_fields())
     assert set(cut.fields) == {"logits"}
     with pytest.raises(KeyError, match="has no 'blocks'"):
-        cut.blocks
+        _ = cut.blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

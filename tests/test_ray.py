@@ -45,13 +45,26 @@ def alive_actors() -> list:
     return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
 
 
+EQUALITY_CASES = {
+    "dml-2": ["method.name=dml", "cohort.size=2"],
+    "dml-3": ["method.name=dml", "cohort.size=3"],
+    "amln-2": ["method.name=amln", "cohort.size=2"],
+    "amln-3": ["method.name=amln", "cohort.size=3"],
+    "mcl-3-all_pairs": [
+        "method.name=mcl",
+        "cohort.size=3",
+        "cohort.pairing=all_pairs",
+        "data.sampler=class_balanced",
+        "data.per_class=4",
+    ],
+}
+
+
 @pytest.mark.usefixtures("ray_session", "one_thread")
-@pytest.mark.parametrize("method", ["dml", "amln"])
-@pytest.mark.parametrize("size", [2, 3])
-def test_ray_backend_matches_local_backend(method, size, tmp_path):
+@pytest.mark.parametrize("case", sorted(EQUALITY_CASES))
+def test_ray_backend_matches_local_backend(case, tmp_path):
     common = [
-        f"method.name={method}",
-        f"cohort.size={size}",
+        *EQUALITY_CASES[case],
         "cohort.cpus_per_peer=0.5",  # 3 peers fit on 2 CPUs; still one torch thread each
         "run.threads=1",
         "optim.epochs=2",

@@ -7,10 +7,11 @@ from .afd import AFD
 from .amln import AMLN
 from .base import Message, Method
 from .dml import DML
+from .mcl import MCL
 from .vanilla import Vanilla
 
 METHODS: Registry[type[Method]] = Registry("method")
-for method in (Vanilla, DML, AMLN, AFD):
+for method in (Vanilla, DML, AMLN, AFD, MCL):
     METHODS.add(method.name(), method)  # the name is the ``name`` literal of its config class
 
 

@@ -306,6 +306,13 @@ def mean_over_teachers(per_teacher: Sequence[dict[str, Tensor]]) -> dict[str, Te
     return {name: torch.stack([terms[name] for terms in per_teacher]).mean() for name in per_teacher[0]}
 
 
+def sum_over_teachers(per_teacher: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Add each named term over teachers (MCL's joint loss sums over pairs)."""
+    if not per_teacher:
+        return {}
+    return {name: torch.stack([terms[name] for terms in per_teacher]).sum() for name in per_teacher[0]}
+
+
 def teacher_key(index: int) -> str:
     """ModuleDict key of the extras that belong to teacher ``index``."""
     return f"t{index}"

@@ -95,3 +95,16 @@ def gan_adam(parameters: list[nn.Parameter], lr: float) -> torch.optim.Adam:
     """The discriminators' optimizer: Adam with betas (0.5, 0.999), the usual GAN setting
     (AMLN and AFD leave it open; ``method.disc_lr`` sets the rate)."""
     return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))
+
+
+class ProjectionHead(nn.Module):
+    """MCL's ``Embed`` (official ``losses/cifar_sup_mcl_loss.py`` lines 89-103): Linear(C,
+    dim) -> ReLU -> Linear(dim, dim), L2-normalised; maps a pooled feature to the
+    embedding the contrastive terms compare."""
+
+    def __init__(self, in_features: int, dim: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return F.normalize(self.net(pooled), dim=1)
