@@ -27,6 +27,12 @@ METHOD_VARIANTS = {
     "dml": ["method.name=dml"],
     "dml_student_teacher": ["method.name=dml", "method.kl_direction=student_teacher"],
     "amln": ["method.name=amln"],
+    "amln_printed": [  # eq. 1-9 as printed: the values the default had before the defaults changed
+        "method.name=amln",
+        "method.kl_direction=student_teacher",
+        "method.beta=1",
+        "method.adv_weight=1",
+    ],
     "amln_case_c": ["method.name=amln", "method.adversarial=false"],
     "amln_case_d": ["method.name=amln", "method.feature=false"],
     "amln_beta_2": ["method.name=amln", "method.beta=2"],
@@ -92,7 +98,7 @@ def test_beta_scales_only_the_feature_term():
 
 
 def test_adv_weight_scales_only_the_adversarial_term():
-    one, tenth = compute_terms([]), compute_terms(["method.adv_weight=0.1"])
+    one, tenth = compute_terms(["method.adv_weight=1"]), compute_terms(["method.adv_weight=0.1"])
     assert tenth["adv"] == pytest.approx(0.1 * one["adv"])
     assert tenth["kl"] == pytest.approx(one["kl"]) and tenth["feat"] == pytest.approx(one["feat"])
 
