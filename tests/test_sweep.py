@@ -286,10 +286,22 @@ def test_a_sweep_that_stopped_on_a_failed_trial_resumes_and_finishes_it(tmp_path
     assert [line["epoch"] for line in lines] == [1, 2]  # epoch 1 was not trained again
     assert (sweep_dir / "best_peer.safetensors").is_file()
 
+    # --report rewrites every output from Tune's state, training nothing
+    for name in ("results.md", "results.parquet", "summary.md", "curves.png", "best_peer.safetensors"):
+        (sweep_dir / name).unlink()
+    assert main(["--report", str(sweep_dir)]) == 0
+    assert pl.read_parquet(sweep_dir / "results.parquet").equals(results)
+    assert (sweep_dir / "best_peer.safetensors").is_file() and "| cohort.size |" in (
+        sweep_dir / "summary.md"
+    ).read_text()
+    assert_png_with_content(sweep_dir / "curves.png")
+    assert len(trial_reports(sweep_dir)[next(iter(trial_reports(sweep_dir)))]) == 2  # no epoch was trained
 
-def test_resume_of_a_folder_without_a_sweep_is_one_line(tmp_path, capsys):
-    assert main(["--resume", str(tmp_path)]) == 2
-    assert f"--resume: {tmp_path} holds no sweep" in capsys.readouterr().err
+
+@pytest.mark.parametrize("flag", ["--resume", "--report"])
+def test_resume_or_report_of_a_folder_without_a_sweep_is_one_line(flag, tmp_path, capsys):
+    assert main([flag, str(tmp_path)]) == 2
+    assert f"{flag}: {tmp_path} holds no sweep" in capsys.readouterr().err
 
 
 @pytest.mark.ray

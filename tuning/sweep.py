@@ -33,6 +33,7 @@ EXAMPLES = """examples:
   python -m tuning.sweep --config configs/sweeps/beta-size.yaml
   python -m tuning.sweep --config configs/sweeps/beta-size.yaml samples=2 fixed.optim.epochs=1
   python -m tuning.sweep --resume runs/sweeps/20261123-101500-beta-size
+  python -m tuning.sweep --report runs/sweeps/20261123-101500-beta-size   # rewrite its outputs
 """
 
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, help="sweep file (configs/sweeps/*.yaml)")
     parser.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    parser.add_argument(
+        "--report", type=Path, metavar="SWEEP_DIR", help="rewrite a sweep's results and plots from its Tune state"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. samples=4 fixed.optim.epochs=1")
     return parser.parse_args(argv)
 
@@ -57,12 +61,13 @@ def sweep_dir_for(sweep: SweepConfig) -> Path:
 
 def resolve(args: argparse.Namespace) -> tuple[SweepConfig, dict[str, Any], Path]:
     """The sweep, its trials' base experiment and its folder; every check that needs no Ray."""
-    if args.resume is not None:
-        if args.config is not None or args.overrides:
-            raise ConfigError("--resume: takes the sweep's own sweep.yaml; drop --config and overrides")
-        sweep_dir = args.resume.resolve()
+    existing, flag = (args.resume, "--resume") if args.resume is not None else (args.report, "--report")
+    if existing is not None:
+        if args.config is not None or args.overrides or (args.resume and args.report):
+            raise ConfigError(f"{flag}: takes the sweep's own sweep.yaml; drop --config, overrides and other modes")
+        sweep_dir = existing.resolve()
         if not (sweep_dir / SWEEP_FILE).is_file():
-            raise ConfigError(f"--resume: {args.resume} holds no sweep (no {SWEEP_FILE})")
+            raise ConfigError(f"{flag}: {existing} holds no sweep (no {SWEEP_FILE})")
         sweep, base = load_sweep(sweep_dir / SWEEP_FILE)
         return sweep, base, sweep_dir
     if args.config is None:
@@ -182,12 +187,27 @@ def run_sweep(
     return write_results(grid, sweep, sweep_dir)
 
 
+def report_sweep(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path):
+    """Rewrite results, summary, plots and the best peer from the sweep's Tune state,
+    without running anything (e.g. after the reporting code changed)."""
+    from ray import tune
+
+    from .results import write_results
+
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ConfigError(f"--report: {sweep_dir} holds no Tune experiment state")
+    return write_results(build_tuner(sweep, base, sweep_dir, restore=True).get_results(), sweep, sweep_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sweep, base, sweep_dir = resolve(args)
-        print(f"[sweep] {sweep.name}: searching {', '.join(sweep.space)} -> {sweep_dir}", flush=True)
-        summary = run_sweep(sweep, base, sweep_dir, restore=args.resume is not None)
+        if args.report is not None:
+            summary = report_sweep(sweep, base, sweep_dir)
+        else:
+            print(f"[sweep] {sweep.name}: searching {', '.join(sweep.space)} -> {sweep_dir}", flush=True)
+            summary = run_sweep(sweep, base, sweep_dir, restore=args.resume is not None)
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
