@@ -366,3 +366,10 @@ def test_curve_stats_average_peers_then_seeds():
     assert dml["std"].to_list() == pytest.approx([0.1414213562, 0.0707106781])
     vanilla = stats.filter(pl.col("configuration") == "vanilla")
     assert vanilla["mean"].to_list() == pytest.approx([0.4, 0.6]) and vanilla["std"].to_list() == [0.0, 0.0]
+
+
+def test_configuration_labels_read_a_swept_section_compactly():
+    from tuning.plots import compact
+
+    assert compact('{"name": "amln", "beta": 0.1, "adv_weight": 0.1}') == "amln (beta=0.1, adv_weight=0.1)"
+    assert compact('{"name": "dml"}') == "dml" and compact(0.3) == "0.3" and compact("cyclic") == "cyclic"

@@ -89,9 +89,25 @@ CURVE_PANELS = [
 
 
 def configuration_label(row: dict, sweep: SweepConfig) -> str:
-    """A short name for one configuration: its swept values other than the seed."""
-    parts = [f"{key}={row[key]}" for key in sweep.space if key != SEED_KEY and key in row]
+    """A short name for one configuration: its swept values other than the seed; a
+    swept section (JSON text such as a whole ``method``) reads "amln (beta=0.1, ...)"."""
+    parts = [f"{key}={compact(row[key])}" for key in sweep.space if key != SEED_KEY and key in row]
     return ", ".join(parts) or sweep.name
+
+
+def compact(value: object) -> str:
+    """``{"name": "amln", "beta": 0.1}`` (as JSON text) -> ``amln (beta=0.1)``; others as they are."""
+    import json
+
+    try:
+        section = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        section = None
+    if not isinstance(section, dict):
+        return str(value)
+    name = section.pop("name", "")
+    rest = ", ".join(f"{k}={v}" for k, v in section.items())
+    return f"{name} ({rest})" if name and rest else name or rest
 
 
 def curve_stats(metrics: list[tuple[str, pl.DataFrame]], split: str, metric: str) -> pl.DataFrame:
@@ -120,6 +136,7 @@ def write_curves_plot(metrics: list[tuple[str, pl.DataFrame]], sweep: SweepConfi
     configuration (mean over peers, then mean ± std over seeds as a band). ``metrics``
     pairs each finished trial's configuration label with its metrics frame."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from cohort.checkpoint import atomic_path
 
@@ -137,6 +154,7 @@ def write_curves_plot(metrics: list[tuple[str, pl.DataFrame]], sweep: SweepConfi
             axis.fill_between(epochs, (mean - std).to_list(), (mean + std).to_list(), alpha=0.2)
         axis.set_title(title)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if metric == "ce":
             axis.set_yscale("log")
