@@ -186,6 +186,11 @@ class Config(Section):
         return value
 
     @model_validator(mode="after")
+    def _method_takes_the_models(self) -> Config:
+        self.method.check_models(self.cohort.model_names)
+        return self
+
+    @model_validator(mode="after")
     def _equal_block_counts(self) -> Config:
         if not self.method.aligns_blocks:
             return self

@@ -21,6 +21,7 @@ from torch import Tensor
 from .config import Config
 from .data import load_data, seed_for
 from .methods import Message, build_method
+from .methods.base import PeerBatch
 from .models import create_model, model_block_info
 from .pairing import make_pairing
 
@@ -104,13 +105,16 @@ class Peer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_for(config.run.seed, "init", index))  # peers start apart
             self.model = create_model(names[index], self.data.info.num_classes, self.data.info.channels)
-            self.extras = self.method.build_extras(self.model.block_info, teachers, self.data.info.num_classes)
+            own_model = {"model": self.model} if self.method.extras_need_model else {}
+            self.extras = self.method.build_extras(
+                self.model.block_info, teachers, self.data.info.num_classes, **own_model
+            )
         self.model.to(self.device, memory_format=self.memory_format)
         self.extras.to(self.device, memory_format=self.memory_format)
         if config.run.compile:
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
         self._build_optimizers()
-        self._pending: tuple[int, Any, Tensor] | None = None
+        self._pending: tuple[int, Any, Tensor, Tensor] | None = None  # step, output, targets, inputs
 
     # ------------------------------------------------------------------ set-up
 
@@ -168,17 +172,18 @@ class Peer:
         self.extras.train()
         x, y = self.data.train_batch(step)
         x, y = self.batch_on_device(x), y.to(self.device, non_blocking=True)
-        with self.autocast():
+        with self.autocast():  # the message too: extras (projection heads) run on the output
             output = self.model(x)
-        self._pending = (step, output, y)
-        message = self.method.checked_message(output, self.extras, self.index, step).to("cpu", self.transport_dtype)
+            message = self.method.checked_message(output, self.extras, self.index, step)
+        self._pending = (step, output, y, x)
+        message = message.to("cpu", self.transport_dtype)
         return message.to_wire() if self.send_numpy else message
 
     def learn(self, step: int, *teacher_messages: Message) -> dict[str, float]:
         """Update from this step's teachers; returns every loss term and train top-1."""
         if self._pending is None or self._pending[0] != step:
             raise RuntimeError(f"peer {self.index}: learn({step}) without publish({step}) first")
-        _, output, targets = self._pending
+        _, output, targets, inputs = self._pending
         self._pending = None
         self._check_teachers(step, teacher_messages)
         reads = self.method.teacher_fields()
@@ -208,8 +213,31 @@ class Peer:
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 sum(critic_terms.values()).backward()
                 self.critic_optimizer.step()
+            logged |= self._meta_step(step, inputs, targets, teachers)
         logged["top1"] = float((output.logits.argmax(1) == targets).float().mean())
         return logged
+
+    def _meta_step(self, step: int, inputs: Tensor, targets: Tensor, teachers: list[Message]) -> dict[str, float]:
+        """The method's optional ``meta_step`` (L-MCL's meta-learned weights), which
+        updates its critics through virtual steps of this peer's network."""
+        group = self.optimizer.param_groups[0]
+        batch = PeerBatch(
+            model=self.model,
+            extras=self.extras,
+            inputs=inputs,
+            targets=targets,
+            teachers=teachers,
+            batch_index=self.data.plan.locate(step)[1],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+        )
+        with self.autocast():
+            terms = self.method.meta_step(batch, self.critic_optimizer)
+        if not terms:
+            return {}
+        self.method.check_declared(terms, self.method.critic_terms, "critic_terms", "meta_step")
+        return self._finite_floats(step, terms, teachers)
 
     def diagnostics(self, output, terms: dict[str, Tensor], teachers: list[Message]) -> dict[str, float]:
         """``run.log_grad_norms``: the L2 norm of each loss term's gradient with respect

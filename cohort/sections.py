@@ -23,3 +23,7 @@ class MethodSection(Section):
 
     # True when every peer must have the same number of blocks (block-wise methods).
     aligns_blocks: ClassVar[bool] = False
+
+    def check_models(self, names: list[str]) -> None:
+        """Raise ValueError if this method cannot train peers of these zoo architectures
+        (``cohort.models``, one name per peer); the default accepts any."""

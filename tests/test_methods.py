@@ -14,7 +14,7 @@ from cohort.methods import Message, build_method, list_methods
 from cohort.methods import functional as L
 from cohort.methods.base import rampup_weight
 from cohort.methods.extras import AlignmentContainer, FeatureDiscriminator
-from cohort.models import list_models, model_block_info
+from cohort.models import create_model, list_models, model_block_info
 from cohort.models.base import Output
 from cohort.pairing import list_pairings
 from cohort.peer import Peer
@@ -38,6 +38,7 @@ METHOD_VARIANTS = {
     "amln_beta_2": ["method.name=amln", "method.beta=2"],
     "afd": ["method.name=afd"],
     "mcl": ["method.name=mcl"],
+    "lmcl": ["method.name=lmcl"],
 }
 
 
@@ -58,8 +59,9 @@ def fixed_inputs(seed: int = 0):
 def compute_terms(overrides: list[str]) -> dict[str, float]:
     method = build_method(load_config(None, overrides).method)
     layout, own, message, targets = fixed_inputs()
+    own_model = {"model": create_model("resnet20", 10)} if method.extras_need_model else {}  # L-MCL's branches
     torch.manual_seed(0)
-    extras = method.build_extras(layout, {1: layout}, 10)
+    extras = method.build_extras(layout, {1: layout}, 10, **own_model)
     teacher = Output(message.logits, message.blocks, message.blocks[-1].mean((2, 3)))
     message = method.message(teacher, extras, 1, 0)
     terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
@@ -265,18 +267,25 @@ def run_steps(config, steps: int = 2) -> list[dict[str, float]]:
 
 
 COMBINATIONS = list(itertools.product(list_methods(), list_pairings(), [2, 3]))
+# L-MCL's meta step (a dozen steps' worth of compute, at step 0) is tested in test_lmcl.py
+# and in the heterogeneous case below; the many-combination tests skip it to stay fast.
+WITHOUT_META = {"lmcl": ["method.meta_every=0"]}
+
+
+def method_keys(method: str) -> list[str]:
+    return [f"method.name={method}", *WITHOUT_META.get(method, [])]
 
 
 @pytest.mark.parametrize("method,pairing,size", COMBINATIONS, ids=["-".join(map(str, c)) for c in COMBINATIONS])
 def test_every_method_pairing_and_size_trains_with_finite_losses(method, pairing, size):
-    config = synthetic_config(None, f"method.name={method}", f"cohort.pairing={pairing}", f"cohort.size={size}")
+    config = synthetic_config(None, *method_keys(method), f"cohort.pairing={pairing}", f"cohort.size={size}")
     results = run_steps(config)
     assert len(results) == size
     for terms in results:
         assert "ce" in terms and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
 
 
-@pytest.mark.parametrize("method", ["amln", "afd", "dml"])
+@pytest.mark.parametrize("method", ["amln", "afd", "dml", "lmcl"])
 def test_heterogeneous_cohort(method):
     models = "cohort.models=[resnet20,wrn_16_1,resnet32]"
     config = synthetic_config(None, f"method.name={method}", "cohort.size=3", models)
@@ -291,7 +300,7 @@ def test_methods_without_block_alignment_accept_different_block_counts(method):
 
 @pytest.mark.parametrize("method", list_methods())
 def test_learning_touches_no_other_peer(method):
-    config = synthetic_config(None, f"method.name={method}", "cohort.size=3")
+    config = synthetic_config(None, *method_keys(method), "cohort.size=3")
     peers = [Peer(j, config) for j in range(3)]
     messages = [p.publish(0) for p in peers]
     for message in messages:

@@ -57,6 +57,14 @@ EQUALITY_CASES = {
         "data.sampler=class_balanced",
         "data.per_class=4",
     ],
+    "lmcl-3-all_pairs": [
+        "method.name=lmcl",
+        "cohort.size=3",
+        "cohort.pairing=all_pairs",
+        "data.sampler=class_balanced",
+        "data.per_class=4",
+        "method.meta_every=2",  # meta steps at steps 0 and 2 of each epoch
+    ],
 }
 
 

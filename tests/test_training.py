@@ -68,6 +68,18 @@ def test_mcl_cohort_learns_fashion_mnist(tmp_path):
     assert {"ce", "vcl", "icl", "soft_vcl", "soft_icl"} <= train_terms
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("fashion_required")
+def test_lmcl_cohort_learns_fashion_mnist(tmp_path):
+    """L-MCL with class-balanced batches (4 classes x 2 images) and a meta step every
+    50 batches (5 in the epoch): every peer's backbone learns, every term is logged."""
+    overrides = ["method.name=lmcl", "data.sampler=class_balanced", "data.per_class=2", f"run.out_dir={tmp_path}"]
+    result = train(load_config(None, [*FASHION_QUICK, *overrides]), log=lambda line: None)
+    assert all(top1 > 0.60 for top1 in result.final_top1), result.final_top1
+    train_terms = set(pl.read_parquet(tmp_path / "metrics.parquet").filter(pl.col("split") == "train")["metric"])
+    assert {"ce", "ce_aux", "ce_agg", "kd", "vcl", "icl", "soft_vcl", "soft_icl", "meta_ce"} <= train_terms
+
+
 def test_cli_local_backend_prints_a_line_per_epoch_per_peer(tmp_path, capsys):
     out_dir = tmp_path / "run"
     code = main(

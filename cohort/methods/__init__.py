@@ -7,11 +7,12 @@ from .afd import AFD
 from .amln import AMLN
 from .base import Message, Method
 from .dml import DML
+from .lmcl import LMCL
 from .mcl import MCL
 from .vanilla import Vanilla
 
 METHODS: Registry[type[Method]] = Registry("method")
-for method in (Vanilla, DML, AMLN, AFD, MCL):
+for method in (Vanilla, DML, AMLN, AFD, MCL, LMCL):
     METHODS.add(method.name(), method)  # the name is the ``name`` literal of its config class
 
 

@@ -154,6 +154,23 @@ def _tensor_from_wire(value: Tensor | np.ndarray | NHWC) -> Tensor:
     return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor
 
 
+@dataclass(frozen=True)
+class PeerBatch:
+    """What ``Method.meta_step`` sees: the peer's network and extras (already updated
+    at this step), the step's batch and teacher messages, the step's index within its
+    epoch and the peer optimizer's settings now (the scheduled learning rate)."""
+
+    model: nn.Module
+    extras: nn.ModuleDict
+    inputs: Tensor
+    targets: Tensor
+    teachers: Sequence[Message]
+    batch_index: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
 RESERVED_TERMS = frozenset({"loss", "top1"})  # what Peer.learn logs beside the terms
 
 
@@ -180,6 +197,9 @@ class Method:
     supervised_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
     distillation_terms: ClassVar[frozenset[str]] = frozenset()
     critic_terms: ClassVar[frozenset[str]] = frozenset()
+    # True: Peer passes its network to build_extras as ``model=`` (extras built from its
+    # modules, e.g. L-MCL's auxiliary branches); the other methods never see it.
+    extras_need_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -211,10 +231,13 @@ class Method:
     def __init__(self, config: MethodSection) -> None:
         self.config = config
 
-    def build_extras(self, own: Blocks, teachers: Mapping[int, Blocks], num_classes: int) -> nn.ModuleDict:
+    def build_extras(
+        self, own: Blocks, teachers: Mapping[int, Blocks], num_classes: int, model: nn.Module | None = None
+    ) -> nn.ModuleDict:
         """The peer's own learnable extras (discriminators, alignment containers,
         projection heads), built from block layouts only; ``teachers`` maps every
-        possible teacher's index to its layout."""
+        possible teacher's index to its layout. A method with ``extras_need_model``
+        also gets the peer's freshly built network as ``model=``."""
         return nn.ModuleDict()
 
     def message(self, output: Output, extras: nn.ModuleDict, source: int, step: int) -> Message:
@@ -278,6 +301,15 @@ class Method:
 
     def extras_step(self, output: Output, teachers: Sequence[Message], extras: nn.ModuleDict) -> dict[str, Tensor]:
         """Losses of the optional second update, over ``critic_parameters`` only."""
+        return {}
+
+    def meta_step(self, batch: PeerBatch, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """Optional update of ``critic_parameters`` that needs the peer's network and
+        batch, run by the peer after its own update (and ``extras_step``). The method
+        computes the critics' gradient, sets ``optimizer``'s hyperparameters if they
+        follow the peer's (``batch.lr``) and steps it; it returns its terms (declared in
+        ``critic_terms``) for logging, or {} on steps where it does nothing. L-MCL's
+        meta-learned layer weights use it; the default does nothing."""
         return {}
 
     def diagnostics(self, output: Output, teachers: Sequence[Message], extras: nn.ModuleDict) -> dict[str, float]:

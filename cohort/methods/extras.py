@@ -1,14 +1,18 @@
-"""Learnable extras shared by the adversarial methods: block discriminators and
-AMLN's alignment containers. They are owned, optimised and checkpointed by the
+"""Learnable extras of the methods: block discriminators and AMLN's alignment
+containers; MCL's projection head; L-MCL's auxiliary branches, stage aggregator and
+layer-matching weight network. They are owned, optimised and checkpointed by the
 peer that builds them."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.base import BlockInfo
+from .base import teacher_key
 
 
 class FeatureDiscriminator(nn.Module):
@@ -108,3 +112,57 @@ class ProjectionHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return F.normalize(self.net(pooled), dim=1)
+
+
+class AuxiliaryBranch(nn.Module):
+    """L-MCL's auxiliary classifier on an earlier block: fresh copies of the network's
+    later stages, global average pooling and a classifier of its own (official
+    ``models/lmcl_resnet_cifar.py`` ``Auxiliary_Classifier`` lines 196-260; for WRNs
+    ``models/lmcl_wrn_cifar.py`` lines 102-142 adds a BN + ReLU after the stages, as
+    the backbone has). Returns the pooled feature and the logits."""
+
+    def __init__(self, stages: nn.Module, tail: nn.Module, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.stages, self.tail = stages, tail
+        self.fc = nn.Linear(width, num_classes)
+        nn.init.zeros_(self.fc.bias)  # official: Linear bias zeroed (line 227)
+
+    def forward(self, block: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = F.adaptive_avg_pool2d(self.tail(self.stages(block)), 1).flatten(1)
+        return pooled, self.fc(pooled)
+
+
+class StageAggregator(nn.Module):
+    """L-MCL's aggregator for one network (official ``models/aggregator.py`` lines 7-29):
+    Linear(S*C, C) -> ReLU -> Linear(C, S) on the concatenated stage features, softmax
+    over the S stages, and the per-sample weighted sum of the stage logits."""
+
+    def __init__(self, width: int, stages: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(stages * width, width), nn.ReLU(), nn.Linear(width, stages))
+
+    def forward(self, features: Sequence[Tensor], logits: Sequence[Tensor]) -> Tensor:
+        weights = self.net(torch.cat(list(features), dim=1)).softmax(dim=1)
+        return sum(stage * weights[:, k : k + 1] for k, stage in enumerate(logits))
+
+
+class PairWeightNetwork(nn.Module):
+    """L-MCL's layer-matching weight network as one learner holds it (official
+    ``models/meta_network.py`` ``LossWeightNetwork`` lines 5-43): one Linear(C, dim)
+    per (network, stage), here for the learner's own stages (``own``) and for each
+    possible teacher's (``t{j}``, applied to the raw pooled stage features that teacher
+    publishes). The weight of layer pair (k, z) is sigmoid(cos(P^k f^k, P_t^z f_t^z)),
+    one value per sample."""
+
+    def __init__(self, own: Sequence[int], teachers: Mapping[int, Sequence[int]], dim: int = 128) -> None:
+        super().__init__()
+        widths = {"own": own} | {teacher_key(j): layer_widths for j, layer_widths in teachers.items()}
+        self.proj = nn.ModuleDict(
+            {key: nn.ModuleList(nn.Linear(c, dim) for c in layer_widths) for key, layer_widths in widths.items()}
+        )
+
+    def forward(self, own: Sequence[Tensor], teacher: int, theirs: Sequence[Tensor]) -> list[list[Tensor]]:
+        """w[k][z] (B,) for the learner's stage k against teacher ``teacher``'s stage z."""
+        mine = [F.normalize(p(f), dim=1) for p, f in zip(self.proj["own"], own, strict=True)]
+        other = [F.normalize(p(f), dim=1) for p, f in zip(self.proj[teacher_key(teacher)], theirs, strict=True)]
+        return [[torch.sigmoid((a * b).sum(dim=1)) for b in other] for a in mine]
