@@ -29,6 +29,9 @@ VARIANTS = {
     "amln L_C+L_KL (case B)": ["method.name=amln", "method.feature=false", "method.adversarial=false"],
     "amln + L_F only (case C)": ["method.name=amln", "method.adversarial=false"],
     "amln + L_D only (case D)": ["method.name=amln", "method.feature=false"],
+    "mcl": ["method.name=mcl"],
+    "lmcl (no meta step)": ["method.name=lmcl", "method.meta_every=0"],
+    "lmcl (meta step every step)": ["method.name=lmcl", "method.meta_every=1"],
 }
 BASE = [
     "cohort.backend=local",
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile each peer's model")
     parser.add_argument("--matrix", action="store_true", help="every method x layout x precision, one table")
+    parser.add_argument("--only", help="comma-separated variant names (prefixes), e.g. vanilla,mcl,lmcl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = ["run.compile=true"] if args.compile else []
@@ -124,7 +128,13 @@ def main() -> None:
         print_matrix(args.steps, args.threads, extra)
         return
     chosen = [f"run.memory_format={args.memory_format}", f"run.precision={args.precision}", *extra]
-    results = time_interleaved({name: [*overrides, *chosen] for name, overrides in VARIANTS.items()}, args.steps)
+    wanted = args.only.split(",") if args.only else None
+    variants = {
+        name: [*overrides, *chosen]
+        for name, overrides in VARIANTS.items()
+        if wanted is None or name == "vanilla" or any(name.startswith(w) for w in wanted)
+    }
+    results = time_interleaved(variants, args.steps)
     base = results["vanilla"]
     print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} "
           f"steps, variants interleaved; {' '.join(chosen)})")  # fmt: skip
