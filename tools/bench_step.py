@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from cohort.config import load_config
-from cohort.peer import Peer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+from cohort.config import load_config  # noqa: E402
+from cohort.peer import Peer  # noqa: E402
 
 VARIANTS = {
     "vanilla": ["method.name=vanilla"],
