@@ -166,7 +166,11 @@ def icl(
     networks; with ``e_teacher`` detached only ``e`` learns, through both matrices.
     """
     e, e_teacher = _working(e, e_teacher)
-    cross = e @ e_teacher.T / tau  # C_ab; C_ba = cross.T
+    return _icl_of(e @ e_teacher.T / tau, labels, exclude_diagonal, weights)
+
+
+def _icl_of(cross: Tensor, labels: Tensor, exclude_diagonal: bool, weights: Tensor | None) -> Tensor:
+    """SupCon(C_ab) + SupCon(C_ba) from C_ab (C_ba is its transpose)."""
     return supcon(cross, labels, exclude_diagonal, weights) + supcon(cross.T, labels, exclude_diagonal, weights)
 
 
@@ -209,7 +213,11 @@ def soft_icl(
     messages).
     """
     e, e_teacher = _working(e, e_teacher)
-    cross = e @ e_teacher.T / tau  # C_ab; C_ba = cross.T
+    return _soft_icl_of(e @ e_teacher.T / tau, temperature, weights)
+
+
+def _soft_icl_of(cross: Tensor, temperature: float, weights: Tensor | None) -> Tensor:
+    """The two detached-target KLs of soft ICL from C_ab (C_ba is its transpose)."""
     return soft_kl(cross, cross.T.detach(), temperature, weights) + soft_kl(
         cross.T, cross.detach(), temperature, weights
     )
@@ -235,7 +243,6 @@ def pair_terms(
     return {
         "vcl": supcon(own, labels, True, weights),
         "soft_vcl": soft_kl(own, teacher_own, temperature, weights),
-        "icl": supcon(cross, labels, exclude_diagonal, weights) + supcon(cross.T, labels, exclude_diagonal, weights),
-        "soft_icl": soft_kl(cross, cross.T.detach(), temperature, weights)
-        + soft_kl(cross.T, cross.detach(), temperature, weights),
+        "icl": _icl_of(cross, labels, exclude_diagonal, weights),
+        "soft_icl": _soft_icl_of(cross, temperature, weights),
     }

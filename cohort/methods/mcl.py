@@ -75,12 +75,9 @@ class MCL(Method):
             "ce": L.cross_entropy(output.logits, targets),
             "vcl": cfg.vcl_weight * C.vcl(e, targets, cfg.tau),
         }
-        per_teacher = [
-            {
-                "icl": cfg.icl_weight * C.icl(e, t["embedding"], targets, cfg.tau),
-                "soft_vcl": cfg.soft_vcl_weight * C.soft_vcl(e, t["embedding"], cfg.tau, cfg.temperature),
-                "soft_icl": cfg.soft_icl_weight * C.soft_icl(e, t["embedding"], cfg.tau, cfg.temperature),
-            }
-            for t in teachers
-        ]
+        weights = {"icl": cfg.icl_weight, "soft_vcl": cfg.soft_vcl_weight, "soft_icl": cfg.soft_icl_weight}
+        per_teacher = []
+        for t in teachers:  # each similarity matrix once per teacher; vcl (teacher-free) enters once, above
+            pair = C.pair_terms(e, t["embedding"], targets, cfg.tau, cfg.temperature)
+            per_teacher.append({name: weight * pair[name] for name, weight in weights.items()})
         return terms | sum_over_teachers(per_teacher)
