@@ -193,7 +193,7 @@ class Peer:
             p.requires_grad_(False)
         with self.autocast():
             terms = self.method.losses(output, targets, teachers, self.extras)
-        terms = self.method.ramp(terms, (step + 1) / self.data.plan.steps_per_epoch)
+        terms = self.method.ramp(terms, step + 1, self.data.plan.steps_per_epoch)
         total = sum(terms.values())
         logged = self._finite_floats(step, terms | {"loss": total}, teachers)
         if self.config.run.log_grad_norms:

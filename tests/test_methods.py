@@ -209,8 +209,28 @@ def test_rampup_weight():
     assert rampup_weight(1.0, 1.0) == rampup_weight(7.0, 1.0) == rampup_weight(0.0, 0.0) == 1.0
     method = build_method(load_config(None, ["method.name=dml"]).method)
     terms = {"ce": torch.tensor(2.0), "kl": torch.tensor(2.0)}
-    ramped = method.ramp(terms, 0.5)
+    ramped = method.ramp(terms, 5, 10)  # half of a 1-epoch ramp
     assert float(ramped["ce"]) == 2.0 and float(ramped["kl"]) == pytest.approx(2.0 * rampup_weight(0.5, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "steps_per_epoch", "length"),
+    [
+        ([], 14, 14.0),  # 1 epoch
+        (["method.rampup_min_steps=140"], 14, 140.0),  # the floor wins on a short epoch
+        (["method.rampup_min_steps=140"], 280, 280.0),  # the epochs win on a long one
+        (["method.rampup_epochs=0", "method.rampup_min_steps=30"], 14, 30.0),
+        (["method.rampup_epochs=0"], 14, 0.0),  # off
+    ],
+)
+def test_rampup_lasts_the_longer_of_epochs_and_min_steps(overrides, steps_per_epoch, length):
+    config = load_config(None, ["method.name=dml", *overrides]).method
+    assert config.rampup_steps(steps_per_epoch) == length
+    method = build_method(config)
+    terms = {"ce": torch.tensor(1.0), "kl": torch.tensor(1.0)}
+    halfway = method.ramp(terms, length / 2, steps_per_epoch)
+    assert float(halfway["kl"]) == pytest.approx(rampup_weight(0.5, 1.0) if length else 1.0)
+    assert float(method.ramp(terms, length, steps_per_epoch)["kl"]) == 1.0
 
 
 def test_vanilla_publishes_nothing():

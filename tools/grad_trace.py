@@ -52,8 +52,8 @@ def measure(peer: Peer, step: int, teacher_messages) -> dict[str, float]:
         p.requires_grad_(False)
     try:
         terms = peer.method.losses(output, targets, teachers, peer.extras)
-        weight_epoch = (step + 1) / peer.data.plan.steps_per_epoch
-        terms = peer.method.ramp(terms, weight_epoch)
+        spe = peer.data.plan.steps_per_epoch
+        terms = peer.method.ramp(terms, step + 1, spe)
         flats = {}
         for name, value in terms.items():
             row[f"val_{name}"] = float(value)
@@ -66,7 +66,7 @@ def measure(peer: Peer, step: int, teacher_messages) -> dict[str, float]:
         # per-block contributions (ramped like the term they belong to)
         from cohort.methods.base import rampup_weight
 
-        w = rampup_weight(weight_epoch, getattr(cfg, "rampup_epochs", 0.0))
+        w = rampup_weight(step + 1, cfg.rampup_steps(spe) if hasattr(cfg, "rampup_steps") else 0.0)
         row["ramp"] = w
         nblocks = len(output.blocks)
         per_block = 1.0 / nblocks if getattr(cfg, "block_reduce", "sum") == "mean" else 1.0

@@ -20,13 +20,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..sections import KLDirection, MethodSection
+from ..sections import KLDirection, RampedSection
 from . import functional as L
 from .base import Message, Method, mean_over_teachers, teacher_key
 from .extras import FeatureDiscriminator, gan_adam
 
 
-class AFDConfig(MethodSection):
+class AFDConfig(RampedSection):
     """Online adversarial feature-map distillation (Chung et al., ICML 2020)."""
 
     name: Literal["afd"] = "afd"
@@ -34,7 +34,6 @@ class AFDConfig(MethodSection):
     kl: bool = True
     kl_direction: KLDirection = "teacher_student"
     disc_lr: float = Field(1e-3, gt=0)
-    rampup_epochs: float = Field(1.0, ge=0)
 
 
 class AFD(Method):

@@ -29,13 +29,13 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from torch import nn
 
-from ..sections import KLDirection, MethodSection
+from ..sections import KLDirection, RampedSection
 from . import functional as L
 from .base import Method, mean_over_teachers, teacher_key
 from .extras import AlignmentContainer, FeatureDiscriminator, gan_adam
 
 
-class AMLNConfig(MethodSection):
+class AMLNConfig(RampedSection):
     """AMLN (ECCV 2020) section 3; ``kl``/``feature``/``adversarial`` give Table 6's cases.
 
     Three defaults depart from the equations as printed, chosen on validation
@@ -53,7 +53,6 @@ class AMLNConfig(MethodSection):
     adversarial: bool = True
     kl_direction: KLDirection = "teacher_student"  # printed eq. 7: student_teacher
     disc_lr: float = Field(1e-3, gt=0)
-    rampup_epochs: float = Field(1.0, ge=0)
     # Open choices of the paper (docs/methods.md, docs/accuracy.md).
     adv_weight: float = Field(0.1, ge=0)  # weight on L_D in eq. 3 (printed: 1)
     feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps

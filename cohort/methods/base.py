@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import BlockInfo, Output
-from ..sections import MethodSection
+from ..sections import MethodSection, RampedSection
 
 Blocks = tuple[BlockInfo, ...]
 
@@ -273,16 +273,18 @@ class Method:
         """Every term of the peer's loss by name; the peer optimises their sum."""
         raise NotImplementedError
 
-    def ramp(self, terms: dict[str, Tensor], epochs_done: float) -> dict[str, Tensor]:
-        """Scale every distillation term by the ramp-up weight at ``epochs_done``
-        (fractional epochs since the start); supervised terms are left alone."""
+    def ramp(self, terms: dict[str, Tensor], steps_done: float, steps_per_epoch: int) -> dict[str, Tensor]:
+        """Scale every distillation term by the ramp-up weight after ``steps_done``
+        optimiser steps (``RampedSection.rampup_steps`` long on a run of
+        ``steps_per_epoch``); supervised terms are left alone."""
         self.check_declared(
             terms,
             self.supervised_terms | self.distillation_terms,
             "supervised_terms (never ramped) or distillation_terms (ramped up)",
             "losses",
         )
-        weight = rampup_weight(epochs_done, getattr(self.config, "rampup_epochs", 0.0))
+        ramp_steps = self.config.rampup_steps(steps_per_epoch) if isinstance(self.config, RampedSection) else 0.0
+        weight = rampup_weight(steps_done, ramp_steps)
         if weight == 1.0:
             return terms
         return {k: weight * v if k in self.distillation_terms else v for k, v in terms.items()}
@@ -317,8 +319,9 @@ class Method:
         return {}
 
 
-def rampup_weight(epochs_done: float, rampup_epochs: float) -> float:
-    """exp(-5 (1 - t)^2) for t = epochs_done / rampup_epochs < 1, else 1.
+def rampup_weight(done: float, length: float) -> float:
+    """exp(-5 (1 - t)^2) for t = done / length < 1, else 1 (``done`` and ``length`` in
+    the same unit: steps, or epochs).
 
     The sigmoid-shaped ramp-up of the consistency weight used by the official code of
     ONE and FFL (Lan et al. 2018, Kim et al. 2019), the online-KD baselines AMLN
@@ -326,9 +329,9 @@ def rampup_weight(epochs_done: float, rampup_epochs: float) -> float:
     feature terms collapsed peers' final features to zero in the first ~20 steps at
     lr 0.1 (docs/methods.md).
     """
-    if rampup_epochs <= 0 or epochs_done >= rampup_epochs:
+    if length <= 0 or done >= length:
         return 1.0
-    return math.exp(-5.0 * (1.0 - epochs_done / rampup_epochs) ** 2)
+    return math.exp(-5.0 * (1.0 - done / length) ** 2)
 
 
 def mean_over_teachers(per_teacher: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -11,18 +11,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..sections import KLDirection, MethodSection
+from ..sections import KLDirection, RampedSection
 from . import functional as L
 from .base import Method, mean_over_teachers
 
 
-class DMLConfig(MethodSection):
+class DMLConfig(RampedSection):
     """Deep mutual learning: CE + T^2 KL to each teacher's softened prediction."""
 
     name: Literal["dml"] = "dml"
     temperature: float = Field(3.0, gt=0)
     kl_direction: KLDirection = "teacher_student"
-    rampup_epochs: float = Field(1.0, ge=0)  # distillation weight ramps up over these epochs
 
 
 class DML(Method):

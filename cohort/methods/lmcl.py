@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..models import create_model
 from ..models.base import Output, init_convs
-from ..sections import MethodSection
+from ..sections import RampedSection
 from . import contrastive as C
 from .base import Message, Method, PeerBatch, sum_over_teachers
 from .extras import AuxiliaryBranch, PairWeightNetwork, ProjectionHead, StageAggregator
@@ -67,7 +67,7 @@ STAGE_LAYOUTS = {"resnet_cifar": ("stages", False), "wrn": ("groups", True)}
 UNROLLED_EXCLUDES = ("extras.weights.", "extras.aggregator.")  # official MetaSGD: the networks and heads only
 
 
-class LMCLConfig(MethodSection):
+class LMCLConfig(RampedSection):
     """L-MCL (TPAMI 2023): weights and temperatures of the official CIFAR script."""
 
     name: Literal["lmcl"] = "lmcl"
@@ -81,7 +81,7 @@ class LMCLConfig(MethodSection):
     soft_icl_weight: float = Field(1.0, ge=0)  # lambda
     meta_every: int = Field(50, ge=0)  # a meta step when the step's index in its epoch is a multiple; 0: never
     meta_inner_steps: int = Field(2, ge=0)  # virtual steps on the contrastive loss (--times)
-    rampup_epochs: float = Field(0.0, ge=0)
+    rampup_epochs: float = Field(0.0, ge=0)  # no ramp-up, as the official code
 
     def check_models(self, names: list[str]) -> None:
         unsupported = sorted({name for name in names if model_family(name) not in STAGE_LAYOUTS})

@@ -32,14 +32,14 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from ..sections import MethodSection
+from ..sections import RampedSection
 from . import contrastive as C
 from . import functional as L
 from .base import Message, Method, sum_over_teachers
 from .extras import ProjectionHead
 
 
-class MCLConfig(MethodSection):
+class MCLConfig(RampedSection):
     """MCL (AAAI 2022): CE + the four contrastive terms, weights as the official scripts."""
 
     name: Literal["mcl"] = "mcl"
@@ -50,7 +50,7 @@ class MCLConfig(MethodSection):
     icl_weight: float = Field(0.1, ge=0)  # beta
     soft_vcl_weight: float = Field(1.0, ge=0)  # gamma
     soft_icl_weight: float = Field(1.0, ge=0)  # lambda
-    rampup_epochs: float = Field(0.0, ge=0)
+    rampup_epochs: float = Field(0.0, ge=0)  # no ramp-up, as the official code
 
 
 class MCL(Method):
