@@ -88,3 +88,16 @@ def test_a_compiled_peer_trains_and_keeps_its_parameter_names():
     message = teacher.publish(0)
     learner.publish(0)
     assert all(math.isfinite(v) for v in learner.learn(0, message).values())
+
+
+def test_alignment_containers_compute_in_float32_under_bf16_autocast():
+    """Their strided depthwise conv is many times slower in bf16 on CPU (docs/benchmarks.md)."""
+    from cohort.methods.extras import AlignmentContainer
+    from cohort.models.base import BlockInfo
+
+    container = AlignmentContainer(BlockInfo(channels=8, stride=1), BlockInfo(channels=16, stride=4))
+    feature = torch.randn(2, 8, 12, 12).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = container(feature)
+    assert out.dtype == torch.float32 and out.shape == (2, 16, 3, 3)
+    torch.testing.assert_close(out, container(feature.float()), rtol=0, atol=0)

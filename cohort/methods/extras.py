@@ -76,6 +76,10 @@ class AlignmentContainer(nn.Module):
     The depthwise conv strides by the ratio of the two blocks' strides with an odd
     kernel at least that wide, so every input pixel contributes; the output side is
     ceil(H / ratio), which equals the teacher's final size for every zoo pair (tested).
+
+    The container computes in fp32 even under bf16 autocast: on CPU a strided
+    depthwise conv's backward in bf16 runs 10-30x slower than in fp32 (60 against 4 ms
+    for block 1 at batch 128, docs/benchmarks.md), and its maps are small.
     """
 
     def __init__(self, own: BlockInfo, target: BlockInfo) -> None:
@@ -89,7 +93,8 @@ class AlignmentContainer(nn.Module):
         self.pointwise = nn.Conv2d(own.channels, target.channels, 1)
 
     def forward(self, feature: Tensor, target_size: tuple[int, int] | None = None) -> Tensor:
-        out = self.pointwise(self.norm(self.depthwise(feature)))
+        with torch.autocast(feature.device.type, enabled=False):
+            out = self.pointwise(self.norm(self.depthwise(feature.float())))
         if target_size is not None and tuple(out.shape[-2:]) != tuple(target_size):
             out = F.adaptive_avg_pool2d(out, target_size)  # only for layouts outside the zoo
         return out
