@@ -12,6 +12,12 @@ synthetic 1x28x28 images: content does not change the cost), one CPU per peer.
   process, with 1 and with 2 torch threads.
 
     python tools/bench_ray.py [--steps 30] [--warmup 5] [--transports default,zero_copy]
+                              [--set run.precision=bf16 ...]
+                              [--ray-configs "default;task_events_report_interval_ms=0"]
+
+``--set`` overrides config keys of every variant (plain processes included);
+``--ray-configs`` compares Ray system configs (``ray.init(_system_config=...)``), one
+fresh Ray instance each, separated by ';' (``default`` is Ray's own).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ os.environ.setdefault("COHORT_PROGRESS", "0")
 import bench_step  # noqa: E402  (tools/ is on sys.path when a tool runs)
 import ray  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from cohort.backends import LocalBackend, RayBackend  # noqa: E402
 from cohort.config import load_config  # noqa: E402
@@ -96,10 +103,21 @@ def measure(cohort: Cohort, steps: int, warmup: int) -> tuple[float, float]:
     return wall, max(statistics.fmean(c) for c in compute)
 
 
-def independent_peer_step(steps: int) -> float:
-    """Median publish + learn seconds of one AMLN peer, 1 thread, no exchange."""
+def independent_peer_step(steps: int, overrides: tuple[str, ...] = (), warmup: int = 3) -> float:
+    """Mean publish + learn seconds of one AMLN peer, 1 thread, no exchange (a mean,
+    like the Ray cohort's wall time per step, so the two compare like for like)."""
     torch.set_num_threads(1)
-    return bench_step.time_steps(["method.name=amln"], steps)
+    learner, teacher = bench_step.build(["method.name=amln", *overrides])
+    times = [bench_step.timed_step(learner, teacher, step) for step in range(warmup + steps)]
+    return statistics.fmean(times[warmup:])
+
+
+def parse_ray_config(text: str) -> dict:
+    """'key=value,key=value' (values read as YAML scalars) or 'default' -> _system_config."""
+    if text.strip() == "default":
+        return {}
+    pairs = (item.split("=", 1) for item in text.split(",") if item.strip())
+    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
 def driver(config, backend) -> Cohort:
@@ -119,7 +137,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides for every variant")
+    parser.add_argument("--ray-configs", default="default", help="Ray _system_configs to compare, ';'-separated")
     args = parser.parse_args()
+    overrides = tuple(args.set)
 
     for dtype in ("float32", "bfloat16"):
         per_message = message_bytes(dtype)
@@ -128,41 +149,46 @@ def main() -> None:
 
     # The parallel ceiling: two peers' compute in two processes at once, no Ray, no exchange.
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        alone = independent_peer_step(args.steps)
-        together = max(pool.map(independent_peer_step, [args.steps] * 2))
+        alone = independent_peer_step(args.steps, overrides)
+        together = max(pool.starmap(independent_peer_step, [(args.steps, overrides)] * 2))
     print(f"one AMLN peer step, 1 thread: alone {1000 * alone:.0f} ms; two processes side by side "
           f"{1000 * together:.0f} ms each (the 2-core parallel ceiling is {2 * alone / together:.2f}x)")  # fmt: skip
 
     rows = []
     for threads in (1, 2):
-        config = load_config(None, [*BASE, "cohort.backend=local", f"run.threads={threads}"])
+        config = load_config(None, [*BASE, *overrides, "cohort.backend=local", f"run.threads={threads}"])
         wall, _ = measure(driver(config, LocalBackend(config, TimedPeer)), args.steps, args.warmup)
         rows.append((f"local, sequential, {threads} thread(s)", "float32", wall, None))
     torch.set_num_threads(1)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # The same single-peer loop inside one Ray worker, alone on the machine: Ray's worker environment's own cost.
-    ray.cloudpickle.register_pickle_by_value(bench_step)  # workers cannot import tools/
-    in_worker = ray.get(ray.remote(num_cpus=1)(independent_peer_step).remote(args.steps))
-    print(f"one AMLN peer step, 1 thread, inside a Ray worker alone: {1000 * in_worker:.0f} ms")
-    for transport in args.transports.split(","):
-        for dtype in args.dtypes.split(","):
-            config = load_config(None, [*BASE, "cohort.backend=ray", f"cohort.transport_dtype={dtype}"])
-            env, wire = TRANSPORTS[transport]
-            backend = RayBackend(config, TimedPeer if wire == "numpy" else TorchWireTimedPeer, actor_env=env)
-            try:
-                wall, compute = measure(driver(config, backend), args.steps, args.warmup)
-            finally:
-                backend.shutdown()
-            rows.append((f"ray, {transport}", dtype, wall, compute))
-    ray.shutdown()
+    for ray_config in args.ray_configs.split(";"):
+        system_config = parse_ray_config(ray_config)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=system_config)
+        suffix = f" [{ray_config.strip()}]" if system_config else ""
+        # The same single-peer loop inside one Ray worker, alone: Ray's worker environment's own cost.
+        ray.cloudpickle.register_pickle_by_value(bench_step)  # workers cannot import tools/
+        in_worker = ray.get(ray.remote(num_cpus=1)(independent_peer_step).remote(args.steps, overrides))
+        print(f"one AMLN peer step, 1 thread, inside a Ray worker alone{suffix}: {1000 * in_worker:.0f} ms")
+        for transport in args.transports.split(","):
+            for dtype in args.dtypes.split(","):
+                config = load_config(
+                    None, [*BASE, *overrides, "cohort.backend=ray", f"cohort.transport_dtype={dtype}"]
+                )
+                env, wire = TRANSPORTS[transport]
+                backend = RayBackend(config, TimedPeer if wire == "numpy" else TorchWireTimedPeer, actor_env=env)
+                try:
+                    wall, compute = measure(driver(config, backend), args.steps, args.warmup)
+                finally:
+                    backend.shutdown()
+                rows.append((f"ray, {transport}{suffix}", dtype, wall, compute))
+        ray.shutdown()
 
     sequential_1 = rows[0][2]
     sequential_2 = rows[1][2]
     print(f"\n2-peer AMLN ResNet-20, batch 128, 1x28x28; mean of {args.steps} steps after {args.warmup} warm-up")
     print("| backend | transport dtype | step (ms) | compute (ms) | exchange (ms) | exchange % | "
-          "throughput vs seq. 1 thread | vs seq. 2 threads |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "throughput vs seq. 1 thread | vs seq. 2 threads | vs 2 plain processes |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, dtype, wall, compute in rows:
         compute_cells = (
             f"{1000 * compute:.0f} | {1000 * (wall - compute):.0f} | {100 * (wall - compute) / wall:.1f}"
@@ -171,7 +197,7 @@ def main() -> None:
         )
         print(
             f"| {name} | {dtype} | {1000 * wall:.0f} | {compute_cells} | "
-            f"{sequential_1 / wall:.2f} | {sequential_2 / wall:.2f} |"
+            f"{sequential_1 / wall:.2f} | {sequential_2 / wall:.2f} | {together / wall:.2f} |"
         )
 
 
