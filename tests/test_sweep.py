@@ -373,3 +373,30 @@ def test_configuration_labels_read_a_swept_section_compactly():
 
     assert compact('{"name": "amln", "beta": 0.1, "adv_weight": 0.1}') == "amln (beta=0.1, adv_weight=0.1)"
     assert compact('{"name": "dml"}') == "dml" and compact(0.3) == "0.3" and compact("cyclic") == "cyclic"
+
+
+def test_seed_summary_gives_mean_and_std_and_no_spread_for_one_trial(tmp_path):
+    from tuning.results import seed_summary
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "space": {"method.name": {"grid": ["dml", "amln"]}, "run.seed": {"grid": [0, 1]}},
+                "metric": "val_top1_mean",
+            }
+        )
+    )
+    sweep, _ = load_sweep(path)
+    frame = pl.DataFrame(
+        {
+            "method.name": ["dml", "dml", "amln", "amln"],
+            "run.seed": [0, 1, 0, 1],
+            "status": ["done", "done", "done", "error"],
+            "val_top1_mean": [0.80, 0.82, 0.70, None],
+        }
+    )
+    summary = {row["method.name"]: row for row in seed_summary(frame, sweep).to_dicts()}
+    assert summary["dml"]["val_top1_mean"] == "81.0 ± 1.41" and summary["dml"]["trials"] == 2
+    assert summary["amln"]["val_top1_mean"] == "70.0" and summary["amln"]["trials"] == 1

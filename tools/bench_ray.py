@@ -171,9 +171,7 @@ def main() -> None:
         print(f"one AMLN peer step, 1 thread, inside a Ray worker alone{suffix}: {1000 * in_worker:.0f} ms")
         for transport in args.transports.split(","):
             for dtype in args.dtypes.split(","):
-                config = load_config(
-                    None, [*BASE, *overrides, "cohort.backend=ray", f"cohort.transport_dtype={dtype}"]
-                )
+                config = load_config(None, [*BASE, *overrides, "cohort.backend=ray", f"cohort.transport_dtype={dtype}"])
                 env, wire = TRANSPORTS[transport]
                 backend = RayBackend(config, TimedPeer if wire == "numpy" else TorchWireTimedPeer, actor_env=env)
                 try:

@@ -72,7 +72,8 @@ def mark_stopped_early(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def seed_summary(frame: pl.DataFrame, sweep: SweepConfig) -> pl.DataFrame:
-    """Mean ± std over ``run.seed`` (or over repeated samples) per configuration."""
+    """Mean ± std over ``run.seed`` (or over repeated samples) per configuration; a
+    configuration with one finished trial shows its value alone."""
     keys = [k for k in sweep.space if k != SEED_KEY and k in frame.columns]
     scores = [c for c in (sweep.metric, "test_top1_mean", "test_top1_best", "test_ensemble_top1") if c in frame.columns]
     finished = frame.filter(pl.col("status") != "error")
@@ -81,9 +82,10 @@ def seed_summary(frame: pl.DataFrame, sweep: SweepConfig) -> pl.DataFrame:
     grouped = finished.group_by(keys or pl.lit(0).alias("all"), maintain_order=True).agg(
         pl.len().alias("trials"),
         *[
-            pl.format(
-                "{} ± {}", (100 * pl.col(c).mean()).round(2), (100 * pl.col(c).std().fill_null(0.0)).round(2)
-            ).alias(c)
+            pl.when(pl.len() > 1)
+            .then(pl.format("{} ± {}", (100 * pl.col(c).mean()).round(2), (100 * pl.col(c).std()).round(2)))
+            .otherwise((100 * pl.col(c).mean()).round(2).cast(pl.String))  # one trial has no spread
+            .alias(c)
             for c in scores
         ],
     )
