@@ -7,7 +7,7 @@ peer's publish + learn is timed. AMLN's ablation cases show where its extra time
 
     python tools/bench_step.py [--steps 20] [--threads 1] [--memory-format channels_last|contiguous]
                                [--precision fp32|bf16|auto] [--compile]
-    python tools/bench_step.py --matrix      # every method x {contiguous, channels-last} x {fp32, bf16}
+    python tools/bench_step.py --matrix [--only vanilla,dml,afd,amln]   # methods x {contiguous, channels-last} x {fp32, bf16}
 """
 
 from __future__ import annotations
@@ -96,10 +96,21 @@ def first_step_seconds(overrides: list[str]) -> float:
     return timed_step(learner, teacher, 0)
 
 
-def print_matrix(steps: int, threads: int, extra: list[str]) -> None:
+def chosen_variants(only: str | None) -> dict[str, list[str]]:
+    """VARIANTS whose names start with one of ``only``'s comma-separated prefixes (all
+    if None); vanilla is always kept, as every ratio's base."""
+    wanted = only.split(",") if only else None
+    return {
+        name: overrides
+        for name, overrides in VARIANTS.items()
+        if wanted is None or name == "vanilla" or any(name.startswith(w) for w in wanted)
+    }
+
+
+def print_matrix(steps: int, threads: int, extra: list[str], methods: dict[str, list[str]]) -> None:
     variants = {
         (method, layout): [*overrides, *chosen, *extra]
-        for method, overrides in VARIANTS.items()
+        for method, overrides in methods.items()
         for layout, chosen in LAYOUTS_AND_PRECISIONS.items()
     }
     results = time_interleaved(variants, steps)
@@ -108,7 +119,7 @@ def print_matrix(steps: int, threads: int, extra: list[str]) -> None:
     print(f"step ms (x vanilla NCHW fp32); batch 128, {threads} thread(s), median of {steps} steps, interleaved")
     print("| method | " + " | ".join(columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
-    for method in VARIANTS:
+    for method in methods:
         cells = [f"{1000 * results[(method, c)]:.0f} ({results[(method, c)] / base:.2f})" for c in columns]
         print(f"| {method} | " + " | ".join(cells) + " |")
 
@@ -128,15 +139,10 @@ def main() -> None:
     if args.compile:
         print(f"first step with compile (vanilla): {first_step_seconds(['method.name=vanilla', *extra]):.1f} s")
     if args.matrix:
-        print_matrix(args.steps, args.threads, extra)
+        print_matrix(args.steps, args.threads, extra, chosen_variants(args.only))
         return
     chosen = [f"run.memory_format={args.memory_format}", f"run.precision={args.precision}", *extra]
-    wanted = args.only.split(",") if args.only else None
-    variants = {
-        name: [*overrides, *chosen]
-        for name, overrides in VARIANTS.items()
-        if wanted is None or name == "vanilla" or any(name.startswith(w) for w in wanted)
-    }
+    variants = {name: [*overrides, *chosen] for name, overrides in chosen_variants(args.only).items()}
     results = time_interleaved(variants, args.steps)
     base = results["vanilla"]
     print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} "
