@@ -50,6 +50,8 @@ EQUALITY_CASES = {
     "dml-3": ["method.name=dml", "cohort.size=3"],
     "amln-2": ["method.name=amln", "cohort.size=2"],
     "amln-3": ["method.name=amln", "cohort.size=3"],
+    "amln-2-bf16": ["method.name=amln", "cohort.size=2", "run.precision=bf16"],  # what auto picks on bf16 CPUs
+    "amln-2-fp32": ["method.name=amln", "cohort.size=2", "run.precision=fp32"],
     "mcl-3-all_pairs": [
         "method.name=mcl",
         "cohort.size=3",

@@ -28,9 +28,12 @@ FASHION_QUICK = [
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fashion_required")
-@pytest.mark.parametrize("size", [2, 3])
-def test_amln_cohort_learns_fashion_mnist(size, tmp_path):
-    config = load_config(None, [*FASHION_QUICK, f"cohort.size={size}", f"run.out_dir={tmp_path / 'run'}"])
+@pytest.mark.parametrize(("size", "precision"), [(2, "bf16"), (3, "fp32")])
+def test_amln_cohort_learns_fashion_mnist(size, precision, tmp_path):
+    """Both precisions on every machine (the default, auto, picks bf16 only on CPUs and
+    GPUs with native bf16; elsewhere bf16 autocast is emulated, slower but the same)."""
+    overrides = [f"cohort.size={size}", f"run.precision={precision}", f"run.out_dir={tmp_path / 'run'}"]
+    config = load_config(None, [*FASHION_QUICK, *overrides])
     result = train(config, log=lambda line: None)
     assert all(top1 > 0.60 for top1 in result.final_top1), result.final_top1
     metrics = pl.read_parquet(tmp_path / "run" / "metrics.parquet")
