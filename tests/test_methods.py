@@ -207,7 +207,7 @@ def test_rampup_weight():
     assert rampup_weight(0.0, 1.0) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
     assert rampup_weight(0.5, 1.0) < rampup_weight(0.9, 1.0) < 1.0
     assert rampup_weight(1.0, 1.0) == rampup_weight(7.0, 1.0) == rampup_weight(0.0, 0.0) == 1.0
-    method = build_method(load_config(None, ["method.name=dml"]).method)
+    method = build_method(load_config(None, ["method.name=dml", "method.rampup_min_steps=0"]).method)
     terms = {"ce": torch.tensor(2.0), "kl": torch.tensor(2.0)}
     ramped = method.ramp(terms, 5, 10)  # half of a 1-epoch ramp
     assert float(ramped["ce"]) == 2.0 and float(ramped["kl"]) == pytest.approx(2.0 * rampup_weight(0.5, 1.0))
@@ -216,11 +216,13 @@ def test_rampup_weight():
 @pytest.mark.parametrize(
     ("overrides", "steps_per_epoch", "length"),
     [
-        ([], 14, 14.0),  # 1 epoch
+        (["method.rampup_min_steps=0"], 14, 14.0),  # 1 epoch
+        ([], 14, 140.0),  # DML's default floor
+        ([], 280, 280.0),  # ... and its 1 epoch on a longer one
         (["method.rampup_min_steps=140"], 14, 140.0),  # the floor wins on a short epoch
         (["method.rampup_min_steps=140"], 280, 280.0),  # the epochs win on a long one
         (["method.rampup_epochs=0", "method.rampup_min_steps=30"], 14, 30.0),
-        (["method.rampup_epochs=0"], 14, 0.0),  # off
+        (["method.rampup_epochs=0", "method.rampup_min_steps=0"], 14, 0.0),  # off
     ],
 )
 def test_rampup_lasts_the_longer_of_epochs_and_min_steps(overrides, steps_per_epoch, length):

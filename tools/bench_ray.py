@@ -43,6 +43,7 @@ from cohort.peer import Peer  # noqa: E402
 BASE = [
     "method.name=amln",
     "method.rampup_epochs=0",
+    "method.rampup_min_steps=0",
     "cohort.size=2",
     "cohort.cpus_per_peer=1",
     "data.name=synthetic",

@@ -7,7 +7,7 @@ peer's publish + learn is timed. AMLN's ablation cases show where its extra time
 
     python tools/bench_step.py [--steps 20] [--threads 1] [--memory-format channels_last|contiguous]
                                [--precision fp32|bf16|auto] [--compile]
-    python tools/bench_step.py --matrix [--only vanilla,dml,afd,amln]   # methods x {contiguous, channels-last} x {fp32, bf16}
+    python tools/bench_step.py --matrix [--only dml,afd,amln]   # methods x {NCHW, channels-last} x {fp32, bf16}
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ LAYOUTS_AND_PRECISIONS = {
 
 def build(overrides: list[str]) -> tuple[Peer, Peer]:
     """The learning peer 0 and its teacher, peer 1, at full distillation weight."""
-    full_weight = [] if "method.name=vanilla" in overrides else ["method.rampup_epochs=0"]
+    full_weight = [] if "method.name=vanilla" in overrides else ["method.rampup_epochs=0", "method.rampup_min_steps=0"]
     config = load_config(None, [*BASE, *overrides, *full_weight])
     return Peer(0, config), Peer(1, config)
 

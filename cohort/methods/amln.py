@@ -58,6 +58,8 @@ class AMLNConfig(RampedSection):
     feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps
     block_reduce: Literal["sum", "mean"] = "sum"  # L_D and L_F over blocks (printed: sum)
     gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
+    # the ramp-up lasts at least this many steps (chosen on validation in the small-data regime, docs/accuracy.md)
+    rampup_min_steps: int = Field(140, ge=0)
 
 
 class AMLN(Method):

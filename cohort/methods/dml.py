@@ -22,6 +22,8 @@ class DMLConfig(RampedSection):
     name: Literal["dml"] = "dml"
     temperature: float = Field(3.0, gt=0)
     kl_direction: KLDirection = "teacher_student"
+    # the ramp-up lasts at least this many steps (chosen on validation in the small-data regime, docs/accuracy.md)
+    rampup_min_steps: int = Field(140, ge=0)
 
 
 class DML(Method):
