@@ -91,7 +91,9 @@ class CohortConfig(Section):
     backend: Literal["ray", "local"] = "ray"
     cpus_per_peer: float = Field(1.0, gt=0)
     gpus_per_peer: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs
-    transport_dtype: Literal["float32", "bfloat16"] = "float32"
+    # auto: every tensor in the dtype it was computed in (bf16 under bf16 autocast), so
+    # nothing is cast and nothing lost; float32 / bfloat16 cast every tensor to that
+    transport_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_steps_in_flight: int = Field(2, ge=1)
 
     @field_validator("models")

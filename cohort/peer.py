@@ -25,7 +25,7 @@ from .methods.base import PeerBatch
 from .models import create_model, model_block_info
 from .pairing import make_pairing
 
-TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRANSPORT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # None: as computed
 
 
 class NonFiniteLossError(RuntimeError):

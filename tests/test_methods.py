@@ -363,11 +363,32 @@ def test_wire_form_round_trips_exactly_and_halves_bytes_in_bfloat16(dtype):
     assert {t.dtype for t in message.tensors()} == {getattr(torch, dtype)}
     again = message.to_wire().from_wire()
     assert all(torch.equal(a, b) for a, b in zip(message.tensors(), again.tensors()))
-    full = Peer(0, synthetic_config(None, "method.name=amln")).publish(0).from_wire()
+    full = Peer(0, synthetic_config(None, "method.name=amln", "cohort.transport_dtype=float32")).publish(0).from_wire()
     assert message.nbytes == full.nbytes // (2 if dtype == "bfloat16" else 1)
     assert message.nbytes == sum(4 * b.numel() for b in full.blocks) // (2 if dtype == "bfloat16" else 1) + (
         full.logits.numel() * message.logits.element_size()
     )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_auto_transport_sends_tensors_as_computed_and_learns_exactly_as_float32(precision):
+    """transport_dtype auto (the default) casts nothing: under bf16 autocast the blocks
+    and logits travel as bf16 (half the bytes) and the learner's losses equal those
+    from float32 transport bit for bit, since float32 held the same bf16 values."""
+    losses, sizes = {}, {}
+    for transport in ("auto", "float32"):
+        overrides = ["method.name=amln", f"run.precision={precision}", f"cohort.transport_dtype={transport}"]
+        config = synthetic_config(None, *overrides)
+        learner, teacher = Peer(0, config), Peer(1, config)
+        message = teacher.publish(0)
+        sizes[transport] = message.from_wire().nbytes
+        learner.publish(0)
+        losses[transport] = learner.learn(0, message)
+        if transport == "auto":
+            computed = torch.bfloat16 if precision == "bf16" else torch.float32
+            assert {t.dtype for t in message.from_wire().tensors()} == {computed}
+    assert losses["auto"] == losses["float32"]
+    assert sizes["auto"] == sizes["float32"] // (2 if precision == "bf16" else 1)
 
 
 @pytest.mark.parametrize("switched_off", ["feature", "adversarial"])

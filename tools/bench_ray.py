@@ -127,8 +127,9 @@ def driver(config, backend) -> Cohort:
     return cohort
 
 
-def message_bytes(dtype: str) -> int:
-    peer = Peer(0, load_config(None, [*BASE, f"cohort.transport_dtype={dtype}", "cohort.backend=local"]))
+def message_bytes(dtype: str, overrides: tuple[str, ...] = ()) -> int:
+    config = load_config(None, [*BASE, *overrides, f"cohort.transport_dtype={dtype}", "cohort.backend=local"])
+    peer = Peer(0, config)
     return peer.publish(0).from_wire().nbytes
 
 
@@ -137,14 +138,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="auto,float32,bfloat16", help="cohort.transport_dtype values")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for every variant")
     parser.add_argument("--ray-configs", default="default", help="Ray _system_configs to compare, ';'-separated")
     args = parser.parse_args()
     overrides = tuple(args.set)
 
-    for dtype in ("float32", "bfloat16"):
-        per_message = message_bytes(dtype)
+    for dtype in args.dtypes.split(","):
+        per_message = message_bytes(dtype, overrides)
         print(f"bytes per step, {dtype}: {per_message / 2**20:.2f} MiB per message x 2 peers = "
               f"{2 * per_message / 2**20:.2f} MiB")  # fmt: skip
 

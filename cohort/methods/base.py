@@ -67,8 +67,10 @@ class Message:
     def __repr__(self) -> str:
         return f"Message(source={self.source}, step={self.step}, fields={sorted(self.fields)})"
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Message:
-        """A copy with every tensor detached, moved and cast (for transport or use)."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> Message:
+        """Every tensor detached, moved and cast (for transport or use); ``dtype`` None
+        keeps each tensor's own. A tensor already on ``device`` in ``dtype`` (and with
+        dense strides) is shared, not copied: the result is for reading only."""
         return self.map(lambda t: dense(t.detach().to(device=device, dtype=dtype)))
 
     def detached(self) -> Message:
