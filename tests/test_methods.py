@@ -277,9 +277,10 @@ def test_a_term_named_like_a_logged_value_is_refused_when_the_method_is_defined(
 # ---------------------------------------------------------------- peers in a cohort
 
 
-def run_steps(config, steps: int = 2) -> list[dict[str, float]]:
+def run_steps(config, steps: int = 2, peers: list[Peer] | None = None) -> list[dict[str, float]]:
+    """Train a cohort (``peers``, or fresh ones from ``config``) for ``steps`` steps; the last step's terms."""
     n = config.cohort.size
-    peers = [Peer(j, config) for j in range(n)]
+    peers = peers or [Peer(j, config) for j in range(n)]
     results = []
     for step in range(steps):
         epoch, _ = peers[0].data.plan.locate(step)
@@ -467,3 +468,30 @@ def test_any_named_field_crosses_the_wire(dtype):
     assert all(torch.equal(a, b) for a, b in zip(back["stages"], sent["stages"], strict=True))
     assert back["map"].is_contiguous(memory_format=torch.channels_last)
     assert sent.nbytes == sent.to_wire().nbytes == (8 * 128 + 8 * 48 + 8 * 100) * (4 if dtype == torch.float32 else 2)
+
+
+FULL_WEIGHT = ["method.rampup_epochs=0", "method.rampup_min_steps=0"]  # distillation at full weight from step 0
+
+
+@pytest.mark.parametrize(
+    "case,same_as",
+    [
+        (["method.kl=false", "method.feature=false", "method.adversarial=false"], "vanilla"),  # Table 6 case A
+        (["method.feature=false", "method.adversarial=false"], "dml"),  # Table 6 case B
+    ],
+    ids=["case_a-vanilla", "case_b-dml"],
+)
+def test_amln_ablation_cases_a_and_b_train_exactly_as_vanilla_and_dml(case, same_as):
+    """What lets docs/accuracy.md report Table 6's cases A and B with vanilla's and DML's rows."""
+    def weights(*overrides):
+        config = synthetic_config(None, *overrides, "data.synthetic.train_size=96", "optim.epochs=2")
+        peers = [Peer(j, config) for j in range(config.cohort.size)]
+        run_steps(config, 8, peers)
+        return [p.model.state_dict() for p in peers]
+
+    ablated = weights("method.name=amln", *case, *FULL_WEIGHT)
+    reference = weights(f"method.name={same_as}", *(FULL_WEIGHT if same_as == "dml" else []))
+    full_amln = weights("method.name=amln", *FULL_WEIGHT)
+    for mine, theirs, other in zip(ablated, reference, full_amln):
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+        assert not all(torch.equal(mine[k], other[k]) for k in mine)  # the comparison can tell methods apart
