@@ -483,6 +483,7 @@ FULL_WEIGHT = ["method.rampup_epochs=0", "method.rampup_min_steps=0"]  # distill
 )
 def test_amln_ablation_cases_a_and_b_train_exactly_as_vanilla_and_dml(case, same_as):
     """What lets docs/accuracy.md report Table 6's cases A and B with vanilla's and DML's rows."""
+
     def weights(*overrides):
         config = synthetic_config(None, *overrides, "data.synthetic.train_size=96", "optim.epochs=2")
         peers = [Peer(j, config) for j in range(config.cohort.size)]
