@@ -172,6 +172,23 @@ def test_discriminator_takes_both_widths_of_a_heterogeneous_pair():
     assert disc(torch.randn(2, 16, 8, 8)).shape == disc(torch.randn(2, 32, 8, 8)).shape == (2, 2)
 
 
+@pytest.mark.parametrize(("width", "size"), [(16, 28), (32, 14), (64, 7)])
+def test_folded_discriminator_pass_is_the_same_function_with_the_same_gradients(width, size):
+    torch.manual_seed(0)
+    disc = FeatureDiscriminator({width}, outputs=2)
+    with torch.no_grad():
+        disc.reduce[str(width)].bias.uniform_(-1, 1)  # a sigma bias that the border padding must not see
+    features = torch.randn(6, width, size, size).relu().to(memory_format=torch.channels_last)
+    plain, folded = disc(features), disc.folded_scores(features)
+    assert torch.allclose(plain, folded, atol=1e-6)
+    plain_grads = torch.autograd.grad(plain.square().sum(), list(disc.parameters()))
+    folded_grads = torch.autograd.grad(folded.square().sum(), list(disc.parameters()))
+    for a, b in zip(plain_grads, folded_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    own, theirs = disc.score_pair(features[:3], features[3:])  # D's update takes the folded pass
+    assert torch.allclose(torch.cat([own, theirs]), plain, atol=1e-6)
+
+
 EQUAL_BLOCK_PAIRS = [
     (a, b)
     for a, b in itertools.product(list_models(), repeat=2)
