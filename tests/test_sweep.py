@@ -240,6 +240,8 @@ def test_a_sweep_over_cohort_sizes_writes_results_and_a_loadable_best_peer(tmp_p
     assert_png_with_content(sweep_dir / "curves.png")
     for curves in sweep_dir.glob("*/run/curves.png"):
         assert_png_with_content(curves)
+    tables = (sweep_dir / "curves.md").read_text()
+    assert "## validation top-1 (%), by epoch" in tables and "| 1 " in tables and "| 2 " in tables
 
 
 def cohort_input(meta):
@@ -366,6 +368,34 @@ def test_curve_stats_average_peers_then_seeds():
     assert dml["std"].to_list() == pytest.approx([0.1414213562, 0.0707106781])
     vanilla = stats.filter(pl.col("configuration") == "vanilla")
     assert vanilla["mean"].to_list() == pytest.approx([0.4, 0.6]) and vanilla["std"].to_list() == [0.0, 0.0]
+
+
+def test_curves_markdown_tabulates_each_panel_by_epoch_with_the_spread_over_seeds():
+    from tuning.results import curves_markdown
+
+    def trial(test_top1: dict[int, list[float]]) -> pl.DataFrame:  # epoch -> per-peer test top-1
+        rows = [
+            {"run": "r", "epoch": e, "peer": p, "split": split, "metric": metric, "value": v}
+            for e, per_peer in test_top1.items()
+            for p, v in enumerate(per_peer)
+            for split, metric in (("test", "top1"), ("train", "ce"))
+        ]
+        return pl.DataFrame(rows)
+
+    metrics = [
+        ("dml", trial({1: [0.5, 0.7], 2: [0.8, 0.8]})),
+        ("dml", trial({1: [0.7, 0.9], 2: [0.9, 0.9]})),
+        ("vanilla", trial({1: [0.4, 0.4], 2: [0.6, 0.6]})),
+    ]
+    text = curves_markdown(metrics, type("Sweep", (), {"name": "s"}))
+    test_part = text.split("## test top-1 (%), by epoch")[1].split("##")[0]
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in test_part.splitlines()[4:]
+        if line
+    }
+    assert rows == {"dml": ["70.0 ± 14.14", "85.0 ± 7.07"], "vanilla": ["40.0", "60.0"]}  # one trial: no spread
+    assert "## training cross-entropy, by epoch" in text and "validation" not in text  # no val rows, no val table
 
 
 def test_configuration_labels_read_a_swept_section_compactly():

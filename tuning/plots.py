@@ -112,7 +112,7 @@ def compact(value: object) -> str:
 
 def curve_stats(metrics: list[tuple[str, pl.DataFrame]], split: str, metric: str) -> pl.DataFrame:
     """Per (configuration, epoch): the mean over peers within a trial, then mean and std
-    over that configuration's trials (its seeds)."""
+    over that configuration's trials (its seeds), and how many trials there were."""
     per_trial = [
         frame.filter((pl.col("split") == split) & (pl.col("metric") == metric) & pl.col("peer").is_not_null())
         .group_by("epoch")
@@ -126,7 +126,11 @@ def curve_stats(metrics: list[tuple[str, pl.DataFrame]], split: str, metric: str
     return (
         pl.concat(per_trial)
         .group_by("configuration", "epoch", maintain_order=True)
-        .agg(pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0.0).alias("std"))
+        .agg(
+            pl.col("value").mean().alias("mean"),
+            pl.col("value").std().fill_null(0.0).alias("std"),
+            pl.len().alias("trials"),
+        )
         .sort("configuration", "epoch")
     )
 

@@ -1,6 +1,6 @@
 """A finished sweep's outputs: results.parquet/.md (one row per trial), summary.md
-(mean ± std over seeds per configuration), sweep.png, curves.png (per-epoch curves
-per configuration) and the best peer.
+(mean ± std over seeds per configuration), sweep.png, curves.png and curves.md
+(per-epoch curves per configuration, drawn and as tables) and the best peer.
 
 Everything is read from what trials reported to Tune and from their Tune
 checkpoints, so it works when trials ran on other nodes. Trials are ranked on the
@@ -130,6 +130,36 @@ def trial_metrics(grid, sweep: SweepConfig) -> list[tuple[str, pl.DataFrame]]:
     return found
 
 
+def curves_markdown(metrics: list[tuple[str, pl.DataFrame]], sweep: SweepConfig) -> str:
+    """curves.md: curves.png's numbers as tables, one per panel (validation top-1, test
+    top-1, training CE), a row per configuration and a column per epoch, each cell the
+    mean ± std over the configuration's seeds (the mean alone for a single trial)."""
+    from .plots import CURVE_PANELS, curve_stats
+
+    parts = [f"# Sweep {sweep.name}: per-epoch curves, mean ± std over seeds (mean over peers in each trial)"]
+    for split, metric, title in CURVE_PANELS:
+        stats = curve_stats(metrics, split, metric)
+        if stats.is_empty():
+            continue
+        scale, digits = (100, 2) if metric == "top1" else (1, 3)
+        cells = stats.with_columns(
+            pl.when(pl.col("trials") > 1)
+            .then(
+                pl.format(
+                    "{} ± {}",
+                    (pl.col("mean") * scale).round(digits),
+                    (pl.col("std") * scale).round(digits),
+                )
+            )
+            .otherwise((pl.col("mean") * scale).round(digits).cast(pl.String))
+            .alias("cell"),
+            pl.col("epoch").cast(pl.String).alias("epoch"),
+        )
+        wide = cells.pivot(on="epoch", index="configuration", values="cell", maintain_order=True)
+        parts.append(f"## {title}, by epoch\n\n{markdown_table(wide)}")
+    return "\n\n".join(parts) + "\n"
+
+
 def write_results(grid, sweep: SweepConfig, sweep_dir: Path) -> SweepSummary:
     from .plots import write_curves_plot, write_sweep_plot
 
@@ -148,6 +178,9 @@ def write_results(grid, sweep: SweepConfig, sweep_dir: Path) -> SweepSummary:
         + "\n",
     )
     write_sweep_plot(frame, sweep, sweep_dir / "sweep.png")
-    write_curves_plot(trial_metrics(grid, sweep), sweep, sweep_dir / "curves.png")
+    metrics = trial_metrics(grid, sweep)
+    write_curves_plot(metrics, sweep, sweep_dir / "curves.png")
+    if metrics:
+        write_text(sweep_dir / "curves.md", curves_markdown(metrics, sweep))
     best = export_sweep_best(grid, sweep, sweep_dir)
     return SweepSummary(table=table, best_peer_path=best, failed=int((frame["status"] == "error").sum()))
