@@ -185,8 +185,28 @@ def test_folded_discriminator_pass_is_the_same_function_with_the_same_gradients(
     folded_grads = torch.autograd.grad(folded.square().sum(), list(disc.parameters()))
     for a, b in zip(plain_grads, folded_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    own, theirs = disc.score_pair(features[:3], features[3:])  # D's update takes the folded pass
+    own, theirs = disc.score_pair(features[:3], features[3:])
     assert torch.allclose(torch.cat([own, theirs]), plain, atol=1e-6)
+
+
+def test_score_pair_folds_only_where_no_gradient_flows_back_into_the_features(monkeypatch):
+    disc = FeatureDiscriminator({16}, outputs=2).to(memory_format=torch.channels_last)  # as a Peer holds it
+    folded = []
+    original = FeatureDiscriminator.folded_scores
+    monkeypatch.setattr(FeatureDiscriminator, "folded_scores", lambda self, f: folded.append(1) or original(self, f))
+    own = torch.randn(4, 16, 12, 12).to(torch.bfloat16)  # bf16 own features beside fp32 teacher ones, as in learn
+    theirs = torch.randn(4, 16, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        update = disc.score_pair(own, theirs)  # D's own update: the folded pass
+    assert folded == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = disc(torch.cat([own.float(), theirs]))
+    assert torch.allclose(torch.cat(update).float(), plain.float(), atol=0.05)  # bf16 rounding differs
+    wanted = own.float().requires_grad_()
+    scores, _ = disc.score_pair(wanted, theirs)  # a gradient into the features: the two-conv pass
+    assert folded == [1]
+    scores.sum().backward()
+    assert wanted.grad is not None and wanted.grad.abs().sum() > 0
 
 
 EQUAL_BLOCK_PAIRS = [
@@ -507,6 +527,9 @@ def test_amln_ablation_cases_a_and_b_train_exactly_as_vanilla_and_dml(case, same
         run_steps(config, 8, peers)
         return [p.model.state_dict() for p in peers]
 
+    shared = {"temperature", "kl_direction", "rampup_epochs", "rampup_min_steps"}  # what case B has in common with DML
+    amln_defaults, dml_defaults = (load_config(None, [f"method.name={m}"]).method for m in ("amln", "dml"))
+    assert {k: getattr(amln_defaults, k) for k in shared} == {k: getattr(dml_defaults, k) for k in shared}
     ablated = weights("method.name=amln", *case, *FULL_WEIGHT)
     reference = weights(f"method.name={same_as}", *(FULL_WEIGHT if same_as == "dml" else []))
     full_amln = weights("method.name=amln", *FULL_WEIGHT)

@@ -241,7 +241,13 @@ def test_a_sweep_over_cohort_sizes_writes_results_and_a_loadable_best_peer(tmp_p
     for curves in sweep_dir.glob("*/run/curves.png"):
         assert_png_with_content(curves)
     tables = (sweep_dir / "curves.md").read_text()
-    assert "## validation top-1 (%), by epoch" in tables and "| 1 " in tables and "| 2 " in tables
+    val_table = tables.split("## validation top-1 (%), by epoch")[1].split("##")[0]
+    header, _, *rows = [line for line in val_table.splitlines() if line]
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["configuration", "1", "2"]
+    final_val = {row["cohort.size"]: row["val_top1_mean"] for row in results.to_dicts()}
+    for row in rows:  # one trial per size: the epoch-2 cell is that trial's final val_top1_mean
+        label, _, last = (c.strip() for c in row.split("|")[1:-1])
+        assert float(last) == pytest.approx(100 * final_val[int(label.split("=")[-1])], abs=0.01)
 
 
 def cohort_input(meta):
@@ -341,21 +347,26 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_where_it_stopped(tmp_path):
     assert results["status"].to_list() == ["done", "done"] and results["epochs"].to_list() == [3, 3]
 
 
+def metrics_frame(values: dict[int, list[float]], panels: list[tuple[str, str]]) -> pl.DataFrame:
+    """A trial's metrics.parquet rows: ``values`` (epoch -> one value per peer) under
+    each (split, metric) of ``panels``, plus a cohort-wide ensemble row."""
+    rows = [
+        {"run": "r", "epoch": e, "peer": p, "split": split, "metric": metric, "value": v}
+        for e, per_peer in values.items()
+        for p, v in enumerate(per_peer)
+        for split, metric in panels
+    ]
+    rows.append({"run": "r", "epoch": 1, "peer": None, "split": "test", "metric": "ensemble_top1", "value": 0.0})
+    return pl.DataFrame(rows)
+
+
 def test_curve_stats_average_peers_then_seeds():
     """curves.png's numbers: per configuration and epoch, the mean over peers within a
     trial, then mean and std over the configuration's seeds."""
-    import polars as pl
-
     from tuning.plots import curve_stats
 
     def trial(values: dict[int, list[float]]) -> pl.DataFrame:  # epoch -> per-peer test top-1
-        rows = [
-            {"run": "r", "epoch": e, "peer": p, "split": "test", "metric": "top1", "value": v}
-            for e, per_peer in values.items()
-            for p, v in enumerate(per_peer)
-        ]
-        rows.append({"run": "r", "epoch": 1, "peer": None, "split": "test", "metric": "ensemble_top1", "value": 0.0})
-        return pl.DataFrame(rows)
+        return metrics_frame(values, [("test", "top1")])
 
     metrics = [
         ("dml", trial({1: [0.5, 0.7], 2: [0.8, 0.8]})),
@@ -374,27 +385,21 @@ def test_curves_markdown_tabulates_each_panel_by_epoch_with_the_spread_over_seed
     from tuning.results import curves_markdown
 
     def trial(test_top1: dict[int, list[float]]) -> pl.DataFrame:  # epoch -> per-peer test top-1
-        rows = [
-            {"run": "r", "epoch": e, "peer": p, "split": split, "metric": metric, "value": v}
-            for e, per_peer in test_top1.items()
-            for p, v in enumerate(per_peer)
-            for split, metric in (("test", "top1"), ("train", "ce"))
-        ]
-        return pl.DataFrame(rows)
+        return metrics_frame(test_top1, [("test", "top1"), ("train", "ce")])
 
+    later = {e: [0.9, 0.9] for e in range(3, 11)}
     metrics = [
         ("dml", trial({1: [0.5, 0.7], 2: [0.8, 0.8]})),
         ("dml", trial({1: [0.7, 0.9], 2: [0.9, 0.9]})),
-        ("vanilla", trial({1: [0.4, 0.4], 2: [0.6, 0.6]})),
+        ("amln", trial({1: [0.4, 0.4], 2: [0.6, 0.6]} | later)),  # 10 epochs, one trial
     ]
     text = curves_markdown(metrics, type("Sweep", (), {"name": "s"}))
-    test_part = text.split("## test top-1 (%), by epoch")[1].split("##")[0]
-    rows = {
-        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-        for line in test_part.splitlines()[4:]
-        if line
-    }
-    assert rows == {"dml": ["70.0 ± 14.14", "85.0 ± 7.07"], "vanilla": ["40.0", "60.0"]}  # one trial: no spread
+    lines = [line for line in text.split("## test top-1 (%), by epoch")[1].split("##")[0].splitlines() if line]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    assert cells[0] == ["configuration", *map(str, range(1, 11))]  # epochs in numeric order, 10 last
+    rows = {row[0]: row[1:] for row in cells[2:]}
+    assert rows["dml"] == ["70.0 ± 14.14", "85.0 ± 7.07", *["—"] * 8]  # never reached epochs 3-10
+    assert rows["amln"] == ["40.0", "60.0", *["90.0"] * 8]  # one trial: no spread
     assert "## training cross-entropy, by epoch" in text and "validation" not in text  # no val rows, no val table
 
 

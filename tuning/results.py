@@ -71,6 +71,15 @@ def mark_stopped_early(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def spread(mean: pl.Expr, std: pl.Expr, trials: pl.Expr, digits: int = 2) -> pl.Expr:
+    """ "mean ± std" as text, or the mean alone where there is one trial (no spread)."""
+    return (
+        pl.when(trials > 1)
+        .then(pl.format("{} ± {}", mean.round(digits), std.round(digits)))
+        .otherwise(mean.round(digits).cast(pl.String))
+    )
+
+
 def seed_summary(frame: pl.DataFrame, sweep: SweepConfig) -> pl.DataFrame:
     """Mean ± std over ``run.seed`` (or over repeated samples) per configuration; a
     configuration with one finished trial shows its value alone."""
@@ -81,13 +90,7 @@ def seed_summary(frame: pl.DataFrame, sweep: SweepConfig) -> pl.DataFrame:
         return pl.DataFrame()
     grouped = finished.group_by(keys or pl.lit(0).alias("all"), maintain_order=True).agg(
         pl.len().alias("trials"),
-        *[
-            pl.when(pl.len() > 1)
-            .then(pl.format("{} ± {}", (100 * pl.col(c).mean()).round(2), (100 * pl.col(c).std()).round(2)))
-            .otherwise((100 * pl.col(c).mean()).round(2).cast(pl.String))  # one trial has no spread
-            .alias(c)
-            for c in scores
-        ],
+        *[spread(100 * pl.col(c).mean(), 100 * pl.col(c).std(), pl.len()).alias(c) for c in scores],
     )
     return grouped.drop("all") if not keys else grouped
 
@@ -133,7 +136,8 @@ def trial_metrics(grid, sweep: SweepConfig) -> list[tuple[str, pl.DataFrame]]:
 def curves_markdown(metrics: list[tuple[str, pl.DataFrame]], sweep: SweepConfig) -> str:
     """curves.md: curves.png's numbers as tables, one per panel (validation top-1, test
     top-1, training CE), a row per configuration and a column per epoch, each cell the
-    mean ± std over the configuration's seeds (the mean alone for a single trial)."""
+    mean ± std over the configuration's trials that reached that epoch (the mean alone
+    for a single trial; "—" where none did)."""
     from .plots import CURVE_PANELS, curve_stats
 
     parts = [f"# Sweep {sweep.name}: per-epoch curves, mean ± std over seeds (mean over peers in each trial)"]
@@ -143,19 +147,10 @@ def curves_markdown(metrics: list[tuple[str, pl.DataFrame]], sweep: SweepConfig)
             continue
         scale, digits = (100, 2) if metric == "top1" else (1, 3)
         cells = stats.with_columns(
-            pl.when(pl.col("trials") > 1)
-            .then(
-                pl.format(
-                    "{} ± {}",
-                    (pl.col("mean") * scale).round(digits),
-                    (pl.col("std") * scale).round(digits),
-                )
-            )
-            .otherwise((pl.col("mean") * scale).round(digits).cast(pl.String))
-            .alias("cell"),
-            pl.col("epoch").cast(pl.String).alias("epoch"),
+            spread(pl.col("mean") * scale, pl.col("std") * scale, pl.col("trials"), digits).alias("cell")
         )
-        wide = cells.pivot(on="epoch", index="configuration", values="cell", maintain_order=True)
+        wide = cells.pivot(on="epoch", index="configuration", values="cell", sort_columns=True, maintain_order=True)
+        wide = wide.fill_null("—")  # an epoch a configuration's trials never reached (stopped early, failed)
         parts.append(f"## {title}, by epoch\n\n{markdown_table(wide)}")
     return "\n\n".join(parts) + "\n"
 
