@@ -68,7 +68,8 @@ class FeatureDiscriminator(nn.Module):
 
     def folded_scores(self, feature: Tensor) -> Tensor:
         """``forward`` with sigma (1x1 conv) and the first body conv composed into one
-        conv, exactly: both are linear with nothing between them. The composed weight
+        conv: both are linear with nothing between them, so it is the same function (up to
+        float rounding; in bf16 the composed weight is rounded once). The composed weight
         is W1 o W_sigma; sigma's bias, which the first conv's zero padding does not
         see at the border, becomes a bias map computed on one constant image. Gradients
         reach W_sigma, b_sigma, W1 and b1 through the composition, as in ``forward``.
