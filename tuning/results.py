@@ -72,7 +72,7 @@ def mark_stopped_early(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def spread(mean: pl.Expr, std: pl.Expr, trials: pl.Expr, digits: int = 2) -> pl.Expr:
-    """ "mean ± std" as text, or the mean alone where there is one trial (no spread)."""
+    """The text "mean ± std", or the mean alone where there is one trial (no spread)."""
     return (
         pl.when(trials > 1)
         .then(pl.format("{} ± {}", mean.round(digits), std.round(digits)))
