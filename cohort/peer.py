@@ -187,7 +187,13 @@ class Peer:
         self._pending = None
         self._check_teachers(step, teacher_messages)
         reads = self.method.teacher_fields()
-        teachers = [m.from_wire().only(reads).to(self.device, torch.float32) for m in teacher_messages]
+        # Logits and embeddings feed the losses, in fp32. Feature maps feed convolutions
+        # (discriminators), which run in the autocast dtype: casting a bf16 map to fp32
+        # here, only for autocast to cast it back, cost two copies of each map a step.
+        teachers = [
+            m.from_wire().only(reads).to(self.device, torch.float32, maps_dtype=self.autocast_dtype)
+            for m in teacher_messages
+        ]
 
         for p in self.critic_params:  # the peer's loss must not train its critics
             p.requires_grad_(False)
@@ -262,7 +268,8 @@ class Peer:
         with torch.no_grad():
             for k, block in enumerate(output.blocks):
                 found[f"feat_rms/b{k}"] = float(block.float().pow(2).mean().sqrt())
-            found |= self.method.diagnostics(output, teachers, self.extras)
+            with self.autocast():  # as in losses: teacher maps come in the autocast dtype
+                found |= self.method.diagnostics(output, teachers, self.extras)
         return found
 
     def _check_teachers(self, step: int, messages: tuple[Message, ...]) -> None:

@@ -209,6 +209,40 @@ def test_score_pair_folds_only_where_no_gradient_flows_back_into_the_features(mo
     assert wanted.grad is not None and wanted.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    ("precision", "transport", "maps"), [("bf16", "auto", "bfloat16"), ("fp32", "bfloat16", "float32")]
+)
+def test_teacher_maps_reach_the_losses_in_the_compute_dtype_and_learn_as_float32_maps_did(
+    monkeypatch, precision, transport, maps
+):
+    """Teacher feature maps arrive in the dtype the learner's convolutions run in (no cast
+    to fp32 and back under bf16 autocast); logits in fp32. Learning is bit for bit what
+    fp32 maps gave, since autocast cast those to the same bf16 values."""
+
+    def learned(keep_maps_in_float32: bool) -> tuple[dict[str, float], list[Message]]:
+        overrides = ["method.name=amln", f"run.precision={precision}", f"cohort.transport_dtype={transport}"]
+        config = synthetic_config(None, *overrides)
+        learner, teacher = Peer(0, config), Peer(1, config)
+        seen: list[Message] = []
+        losses = learner.method.losses
+        monkeypatch.setattr(learner.method, "losses", lambda o, y, ts, e: seen.extend(ts) or losses(o, y, ts, e))
+        original = Message.to
+        if keep_maps_in_float32:  # the learner as it was: every tensor to fp32
+            monkeypatch.setattr(Message, "to", lambda self, device, dtype, **_: original(self, device, dtype))
+        message = teacher.publish(0)
+        learner.publish(0)
+        result = learner.learn(0, message)
+        monkeypatch.setattr(Message, "to", original)
+        return result, seen
+
+    terms, seen = learned(keep_maps_in_float32=False)
+    assert {b.dtype for b in seen[0].blocks} == {getattr(torch, maps)}
+    assert seen[0].logits.dtype == torch.float32
+    reference, seen = learned(keep_maps_in_float32=True)
+    assert {b.dtype for b in seen[0].blocks} == {torch.float32}
+    assert terms == reference
+
+
 EQUAL_BLOCK_PAIRS = [
     (a, b)
     for a, b in itertools.product(list_models(), repeat=2)

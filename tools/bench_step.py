@@ -8,6 +8,7 @@ peer's publish + learn is timed. AMLN's ablation cases show where its extra time
     python tools/bench_step.py [--steps 20] [--threads 1] [--memory-format channels_last|contiguous]
                                [--precision fp32|bf16|auto] [--compile]
     python tools/bench_step.py --matrix [--only dml,afd,amln]   # methods x {NCHW, channels-last} x {fp32, bf16}
+    python tools/bench_step.py --phases --precision bf16 --only amln   # where each step's time goes
 """
 
 from __future__ import annotations
@@ -96,6 +97,82 @@ def first_step_seconds(overrides: list[str]) -> float:
     return timed_step(learner, teacher, 0)
 
 
+PHASES = ("publish", "losses", "backward", "step", "critic losses", "critic backward", "critic step", "rest")
+
+
+class PhaseTimer:
+    """Seconds per phase of one learner's steps, measured by wrapping the calls that
+    ``Peer.learn`` makes (the method's losses and ``extras_step``, each ``backward``, the
+    optimizers' ``step``) rather than copying its code; "rest" is what lies between."""
+
+    def __init__(self, learner: Peer) -> None:
+        self.learner, self.seconds = learner, {phase: [] for phase in PHASES}
+        self._current: dict[str, float] = {}
+        self._backwards = 0
+
+    def _timed(self, phase: str, call):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._current[phase] = self._current.get(phase, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    def step(self, teacher: Peer, step: int) -> None:
+        """One timed publish + learn of the learner, split into ``PHASES``."""
+        learner, self._current, self._backwards = self.learner, {}, 0
+        message = teacher.publish(step)
+        teacher._pending = None
+        backward = torch.Tensor.backward
+
+        def counted_backward(tensor, *args, **kwargs):
+            self._backwards += 1
+            phase = "backward" if self._backwards == 1 else "critic backward"
+            return self._timed(phase, backward)(tensor, *args, **kwargs)
+
+        patches = {
+            (learner.method, "losses"): "losses",
+            (learner.method, "extras_step"): "critic losses",
+            (learner.optimizer, "step"): "step",
+        }
+        if learner.critic_optimizer is not None:
+            patches[(learner.critic_optimizer, "step")] = "critic step"
+        originals = {target: getattr(*target) for target in patches}
+        for (owner, name), phase in patches.items():
+            setattr(owner, name, self._timed(phase, originals[(owner, name)]))
+        torch.Tensor.backward = counted_backward
+        try:
+            start = time.perf_counter()
+            learner.publish(step)
+            self._current["publish"] = time.perf_counter() - start
+            learner.learn(step, message)
+            total = time.perf_counter() - start
+        finally:
+            torch.Tensor.backward = backward
+            for owner, name in patches:
+                delattr(owner, name)  # the instance attribute goes; the class's method shows again
+        self._current["rest"] = total - sum(self._current.values())
+        for phase in PHASES:
+            self.seconds[phase].append(self._current.get(phase, 0.0))
+
+
+def print_phases(variants: dict[str, list[str]], steps: int, warmup: int = 3) -> None:
+    """Median ms per phase of each variant's step, variants interleaved step by step."""
+    timers = {name: (PhaseTimer(learner), teacher) for name, (learner, teacher) in
+              ((name, build(overrides)) for name, overrides in variants.items())}  # fmt: skip
+    for step in range(warmup + steps):
+        for timer, teacher in timers.values():
+            timer.step(teacher, step)
+    print(f"ms per phase, median of {steps} steps, variants interleaved (the total is the sum of the medians)")
+    print("| method | " + " | ".join(PHASES) + " | total |")
+    print("| --- |" + " ---: |" * (len(PHASES) + 1))
+    for name, (timer, _) in timers.items():
+        medians = [1000 * statistics.median(timer.seconds[phase][warmup:]) for phase in PHASES]
+        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in medians) + f" | {sum(medians):.1f} |")
+
+
 def chosen_variants(only: str | None) -> dict[str, list[str]]:
     """VARIANTS whose names start with one of ``only``'s comma-separated prefixes (all
     if None); vanilla is always kept, as every ratio's base."""
@@ -133,6 +210,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each peer's model")
     parser.add_argument("--matrix", action="store_true", help="every method x layout x precision, one table")
     parser.add_argument("--only", help="comma-separated variant names (prefixes), e.g. vanilla,mcl,lmcl")
+    parser.add_argument("--phases", action="store_true", help="split each step into publish, losses, backward, ...")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = ["run.compile=true"] if args.compile else []
@@ -143,6 +221,9 @@ def main() -> None:
         return
     chosen = [f"run.memory_format={args.memory_format}", f"run.precision={args.precision}", *extra]
     variants = {name: [*overrides, *chosen] for name, overrides in chosen_variants(args.only).items()}
+    if args.phases:
+        print_phases(variants, args.steps)
+        return
     results = time_interleaved(variants, args.steps)
     base = results["vanilla"]
     print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} "

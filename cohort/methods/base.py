@@ -67,11 +67,19 @@ class Message:
     def __repr__(self) -> str:
         return f"Message(source={self.source}, step={self.step}, fields={sorted(self.fields)})"
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> Message:
+    def to(
+        self, device: torch.device | str, dtype: torch.dtype | None, maps_dtype: torch.dtype | None = None
+    ) -> Message:
         """Every tensor detached, moved and cast (for transport or use); ``dtype`` None
-        keeps each tensor's own. A tensor already on ``device`` in ``dtype`` (and with
+        keeps each tensor's own. ``maps_dtype``, if given, is the dtype of 4-D tensors
+        (feature maps) instead. A tensor already on ``device`` in its dtype (and with
         dense strides) is shared, not copied: the result is for reading only."""
-        return self.map(lambda t: dense(t.detach().to(device=device, dtype=dtype)))
+
+        def moved(t: Tensor) -> Tensor:
+            wanted = maps_dtype if maps_dtype is not None and t.dim() == 4 else dtype
+            return dense(t.detach().to(device=device, dtype=wanted))
+
+        return self.map(moved)
 
     def detached(self) -> Message:
         return self.map(Tensor.detach)
@@ -272,7 +280,12 @@ class Method:
         teachers: Sequence[Message],
         extras: nn.ModuleDict,
     ) -> dict[str, Tensor]:
-        """Every term of the peer's loss by name; the peer optimises their sum."""
+        """Every term of the peer's loss by name; the peer optimises their sum.
+
+        Runs under the peer's autocast (``run.precision``), as do ``extras_step``,
+        ``diagnostics`` and ``meta_step``. The teachers' logits and other flat tensors
+        arrive in fp32; their 4-D feature maps in the autocast dtype (bf16 under bf16,
+        else fp32), the dtype the convolutions that read them run in."""
         raise NotImplementedError
 
     def ramp(self, terms: dict[str, Tensor], steps_done: float, steps_per_epoch: int) -> dict[str, Tensor]:
