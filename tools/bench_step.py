@@ -103,7 +103,8 @@ PHASES = ("publish", "losses", "backward", "step", "critic losses", "critic back
 class PhaseTimer:
     """Seconds per phase of one learner's steps, measured by wrapping the calls that
     ``Peer.learn`` makes (the method's losses and ``extras_step``, each ``backward``, the
-    optimizers' ``step``) rather than copying its code; "rest" is what lies between."""
+    optimizers' ``step``) rather than copying its code. Every backward after the peer's
+    counts as the critics'; "rest" is what lies between (L-MCL's meta step among it)."""
 
     def __init__(self, learner: Peer) -> None:
         self.learner, self.seconds = learner, {phase: [] for phase in PHASES}
@@ -160,8 +161,10 @@ class PhaseTimer:
 
 def print_phases(variants: dict[str, list[str]], steps: int, warmup: int = 3) -> None:
     """Median ms per phase of each variant's step, variants interleaved step by step."""
-    timers = {name: (PhaseTimer(learner), teacher) for name, (learner, teacher) in
-              ((name, build(overrides)) for name, overrides in variants.items())}  # fmt: skip
+    timers: dict[str, tuple[PhaseTimer, Peer]] = {}
+    for name, overrides in variants.items():
+        learner, teacher = build(overrides)
+        timers[name] = (PhaseTimer(learner), teacher)
     for step in range(warmup + steps):
         for timer, teacher in timers.values():
             timer.step(teacher, step)
