@@ -1,9 +1,10 @@
 """Time one training step (publish + learn) of one ResNet-20 peer, per method.
 
 Fashion-MNIST shapes (1x28x28, 10 classes), batch 128, one torch thread, seeded
-synthetic images (the data's content does not change the cost). The teacher's
-message comes from a second peer, as in a 2-peer cyclic cohort; only the learning
-peer's publish + learn is timed. AMLN's ablation cases show where its extra time goes.
+synthetic images (the data's content does not change the cost), on ``run.device``
+auto: a GPU where there is one, and the timers wait for it. The teacher's message
+comes from a second peer, as in a 2-peer cyclic cohort; only the learning peer's
+publish + learn is timed. AMLN's ablation cases show where its extra time goes.
 
     python tools/bench_step.py [--steps 20] [--threads 1] [--memory-format channels_last|contiguous]
                                [--precision fp32|bf16|auto] [--compile]
@@ -63,13 +64,21 @@ def build(overrides: list[str]) -> tuple[Peer, Peer]:
     return Peer(0, config), Peer(1, config)
 
 
+def synchronize(peer: Peer) -> None:
+    """Wait for the peer's device, so that a timer stopped next sees all its work."""
+    if peer.device.type == "cuda":
+        torch.cuda.synchronize(peer.device)
+
+
 def timed_step(learner: Peer, teacher: Peer, step: int) -> float:
     """Seconds of the learner's publish + learn at ``step``."""
     message = teacher.publish(step)
     teacher._pending = None  # the teacher does not learn here; only its message is needed
+    synchronize(learner)
     start = time.perf_counter()
     learner.publish(step)
     learner.learn(step, message)
+    synchronize(learner)
     return time.perf_counter() - start
 
 
@@ -113,10 +122,12 @@ class PhaseTimer:
 
     def _timed(self, phase: str, call):
         def wrapper(*args, **kwargs):
+            synchronize(self.learner)
             start = time.perf_counter()
             try:
                 return call(*args, **kwargs)
             finally:
+                synchronize(self.learner)
                 self._current[phase] = self._current.get(phase, 0.0) + time.perf_counter() - start
 
         return wrapper
@@ -145,10 +156,13 @@ class PhaseTimer:
             setattr(owner, name, self._timed(phase, originals[(owner, name)]))
         torch.Tensor.backward = counted_backward
         try:
+            synchronize(learner)
             start = time.perf_counter()
             learner.publish(step)
+            synchronize(learner)
             self._current["publish"] = time.perf_counter() - start
             learner.learn(step, message)
+            synchronize(learner)
             total = time.perf_counter() - start
         finally:
             torch.Tensor.backward = backward

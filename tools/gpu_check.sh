@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The prepared GPU check of the speed issue (AMLN's step against vanilla's, and where
+# AMLN's extra time goes), for a session that is lent a device machine. That machine's
+# image has torch, torchvision, safetensors, PyYAML and tqdm but not pydantic or polars,
+# and it cannot download, so the missing wheels travel with the working tree.
+#
+#   tools/gpu_check.sh fetch     # here, once: the wheels into .whl/ (git-ignored, ~55 MB)
+#   device run: command "bash tools/gpu_check.sh run", carry [".whl"], timeout_s 420
+#
+# "run" writes matrix.txt and phases.txt under $OUT (what the device tool brings back)
+# and prints them. It takes about 3-5 minutes of the 15 a session has; record the
+# tables in docs/benchmarks.md with this command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+fetch)
+    grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    # the versions this checkout runs with here, for the device's Python 3.12
+    wheels=()
+    for package in pydantic pydantic_core annotated_types typing_inspection polars polars_runtime_32; do
+        wheels+=("$package==$(python3 -c "import importlib.metadata as m; print(m.version('$package'))")")
+    done
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${wheels[@]}"
+    ls -la .whl
+    ;;
+run)
+    out="${OUT:-/tmp/gpu_check}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    python3 tools/bench_step.py --matrix --steps 20 --only dml,afd,amln 2>&1 | tee "$out/matrix.txt"
+    python3 tools/bench_step.py --phases --precision bf16 --steps 20 --only amln 2>&1 | tee "$out/phases.txt"
+    ;;
+*)
+    echo "usage: tools/gpu_check.sh fetch | run   (fetch here; run on the device machine)" >&2
+    exit 2
+    ;;
+esac
