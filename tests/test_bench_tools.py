@@ -4,6 +4,7 @@ timer leaves the peer as it found it."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def bench_step():
 def test_phase_timer_splits_each_step_into_the_calls_of_learn(method):
     bench = bench_step()
     learner, teacher = bench.build([f"method.name={method}", "data.batch_size=8", "data.synthetic.image_size=16"])
-    backward = torch.Tensor.backward
+    backward, scheduled_step = torch.Tensor.backward, vars(learner.optimizer)["step"]  # the scheduler's wrapper
     timer = bench.PhaseTimer(learner)
     for step in range(2):
         timer.step(teacher, step)
@@ -33,6 +34,10 @@ def test_phase_timer_splits_each_step_into_the_calls_of_learn(method):
     critics = [timer.seconds[phase][-1] for phase in CRITIC_PHASES]
     assert all(c > 0 for c in critics) if method == "amln" else critics == [0.0] * 3
     assert torch.Tensor.backward is backward
-    assert not {"losses", "extras_step"} & set(vars(learner.method)) and "step" not in vars(learner.optimizer)
-    learner.publish(2)  # still a working peer
+    assert not {"losses", "extras_step"} & set(vars(learner.method))
+    assert vars(learner.optimizer)["step"] is scheduled_step
+    learner.publish(2)  # still a working peer, whose scheduler still sees its optimizer's steps
     assert set(learner.learn(2, teacher.publish(2))) >= {"ce", "loss"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.scheduler.step()

@@ -216,10 +216,11 @@ def test_teacher_maps_reach_the_losses_in_the_compute_dtype_and_learn_as_float32
     monkeypatch, precision, transport, maps
 ):
     """Teacher feature maps arrive in the dtype the learner's convolutions run in (no cast
-    to fp32 and back under bf16 autocast); logits in fp32. Learning is bit for bit what
-    fp32 maps gave, since autocast cast those to the same bf16 values."""
+    to fp32 and back under bf16 autocast); logits in fp32. Two steps of learning are bit
+    for bit what fp32 maps gave (losses, weights, D's and the optimizers' states), since
+    autocast cast those to the same bf16 values."""
 
-    def learned(keep_maps_in_float32: bool) -> tuple[dict[str, float], list[Message]]:
+    def learned(keep_maps_in_float32: bool) -> tuple[list[dict[str, float]], list[torch.Tensor], list[Message]]:
         overrides = ["method.name=amln", f"run.precision={precision}", f"cohort.transport_dtype={transport}"]
         config = synthetic_config(None, *overrides)
         learner, teacher = Peer(0, config), Peer(1, config)
@@ -229,18 +230,24 @@ def test_teacher_maps_reach_the_losses_in_the_compute_dtype_and_learn_as_float32
         original = Message.to
         if keep_maps_in_float32:  # the learner as it was: every tensor to fp32
             monkeypatch.setattr(Message, "to", lambda self, device, dtype, **_: original(self, device, dtype))
-        message = teacher.publish(0)
-        learner.publish(0)
-        result = learner.learn(0, message)
+        logged = []
+        for step in range(2):
+            message = teacher.publish(step)
+            learner.publish(step)
+            logged.append(learner.learn(step, message))
         monkeypatch.setattr(Message, "to", original)
-        return result, seen
+        optimizers = [learner.optimizer.state_dict()["state"], learner.critic_optimizer.state_dict()["state"]]
+        state = [*learner.model.state_dict().values(), *learner.extras.state_dict().values()]
+        state += [t for o in optimizers for entry in o.values() for t in entry.values() if torch.is_tensor(t)]
+        return logged, state, seen
 
-    terms, seen = learned(keep_maps_in_float32=False)
+    logged, state, seen = learned(keep_maps_in_float32=False)
     assert {b.dtype for b in seen[0].blocks} == {getattr(torch, maps)}
     assert seen[0].logits.dtype == torch.float32
-    reference, seen = learned(keep_maps_in_float32=True)
+    reference_logged, reference_state, seen = learned(keep_maps_in_float32=True)
     assert {b.dtype for b in seen[0].blocks} == {torch.float32}
-    assert terms == reference
+    assert logged == reference_logged
+    assert len(state) == len(reference_state) and all(map(torch.equal, state, reference_state))
 
 
 EQUAL_BLOCK_PAIRS = [
@@ -463,9 +470,11 @@ def test_auto_transport_sends_tensors_as_computed_and_learns_exactly_as_float32(
     assert sizes["auto"] == sizes["float32"] // (2 if precision == "bf16" else 1)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: teacher maps reach D's diagnostics in bf16
 @pytest.mark.parametrize("switched_off", ["feature", "adversarial"])
-def test_grad_norm_instruments_log_every_term_and_zero_for_a_switched_off_one(switched_off):
-    config = synthetic_config(None, "method.name=amln", "run.log_grad_norms=true", f"method.{switched_off}=false")
+def test_grad_norm_instruments_log_every_term_and_zero_for_a_switched_off_one(switched_off, precision):
+    overrides = ["method.name=amln", "run.log_grad_norms=true", f"method.{switched_off}=false"]
+    config = synthetic_config(None, *overrides, f"run.precision={precision}")
     learned = run_steps(config, steps=2)[0]
     off = {"feature": "feat", "adversarial": "adv"}[switched_off]
     assert learned[f"grad_norm/{off}"] == 0.0

@@ -4,7 +4,8 @@
 # image has torch, torchvision, safetensors, PyYAML and tqdm but not pydantic or polars,
 # and it cannot download, so the missing wheels travel with the working tree.
 #
-#   tools/gpu_check.sh fetch     # here, once: the wheels into .whl/ (git-ignored, ~55 MB)
+#   tools/gpu_check.sh fetch     # here, once: the wheels into .whl/ (git-ignored, ~56 MB; with the
+#                                # ~2 MB tree that is near the device tool's 64 MiB: carry nothing else)
 #   device run: command "bash tools/gpu_check.sh run", carry [".whl"], timeout_s 420
 #
 # "run" writes matrix.txt and phases.txt under $OUT (what the device tool brings back)
@@ -15,14 +16,18 @@ cd "$(dirname "$0")/.."
 
 case "${1:-}" in
 fetch)
-    grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-    # the versions this checkout runs with here, for the device's Python 3.12
+    exclude=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree
+    mkdir -p "$(dirname "$exclude")"
+    grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+    # the versions this checkout runs with here, for the device's Python 3.12; typing_extensions
+    # too, since pydantic needs a newer one than the image may hold
     wheels=()
-    for package in pydantic pydantic_core annotated_types typing_inspection polars polars_runtime_32; do
+    for package in pydantic pydantic_core annotated_types typing_inspection typing_extensions polars polars_runtime_32; do
         wheels+=("$package==$(python3 -c "import importlib.metadata as m; print(m.version('$package'))")")
     done
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d .whl "${wheels[@]}"
     ls -la .whl
     ;;
