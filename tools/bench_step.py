@@ -10,6 +10,7 @@ publish + learn is timed. AMLN's ablation cases show where its extra time goes.
                                [--precision fp32|bf16|auto] [--compile]
     python tools/bench_step.py --matrix [--only dml,afd,amln]   # methods x {NCHW, channels-last} x {fp32, bf16}
     python tools/bench_step.py --phases --precision bf16 --only amln   # where each step's time goes
+    python tools/bench_step.py --precision bf16 --only "amln (full" --cudnn-benchmark   # on a GPU
 """
 
 from __future__ import annotations
@@ -227,8 +228,12 @@ def main() -> None:
     parser.add_argument("--matrix", action="store_true", help="every method x layout x precision, one table")
     parser.add_argument("--only", help="comma-separated variant names (prefixes), e.g. vanilla,mcl,lmcl")
     parser.add_argument("--phases", action="store_true", help="split each step into publish, losses, backward, ...")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms (GPU; not a cohort key yet)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     extra = ["run.compile=true"] if args.compile else []
     if args.compile:
         print(f"first step with compile (vanilla): {first_step_seconds(['method.name=vanilla', *extra]):.1f} s")

@@ -8,7 +8,7 @@
 #                                # ~2 MB tree that is near the device tool's 64 MiB: carry nothing else)
 #   device run: command "bash tools/gpu_check.sh run", carry [".whl"], timeout_s 420
 #
-# "run" writes matrix.txt and phases.txt under $OUT (what the device tool brings back)
+# "run" writes matrix.txt, phases.txt and cudnn.txt under $OUT (what the device tool brings back)
 # and prints them. It takes about 3-5 minutes of the 15 a session has; record the
 # tables in docs/benchmarks.md with this command.
 set -euo pipefail
@@ -40,6 +40,12 @@ run)
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     python3 tools/bench_step.py --matrix --steps 20 --only dml,afd,amln 2>&1 | tee "$out/matrix.txt"
     python3 tools/bench_step.py --phases --precision bf16 --steps 20 --only amln 2>&1 | tee "$out/phases.txt"
+    # cuDNN's algorithm search: off in cohort (it can pick different algorithms in different
+    # processes, so Ray and local runs, and resumed ones, would no longer agree bit for bit)
+    for flag in "" --cudnn-benchmark; do
+        echo "bench_step bf16 ${flag:-(cudnn.benchmark off)}"
+        python3 tools/bench_step.py --precision bf16 --steps 20 --only "amln (full" $flag
+    done 2>&1 | tee "$out/cudnn.txt"
     ;;
 *)
     echo "usage: tools/gpu_check.sh fetch | run   (fetch here; run on the device machine)" >&2
