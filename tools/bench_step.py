@@ -138,10 +138,8 @@ class PhaseTimer:
         return wrapper
 
     def step(self, teacher: Peer, step: int) -> None:
-        """One timed publish + learn of the learner, split into ``PHASES``."""
+        """One ``timed_step`` of the learner, split into ``PHASES``."""
         learner, self._current, self._backwards = self.learner, {}, 0
-        message = teacher.publish(step)
-        teacher._pending = None
         backward = torch.Tensor.backward
 
         def counted_backward(tensor, *args, **kwargs):
@@ -150,6 +148,7 @@ class PhaseTimer:
             return self._timed(phase, backward)(tensor, *args, **kwargs)
 
         patches = {
+            (learner, "publish"): "publish",
             (learner.method, "losses"): "losses",
             (learner.method, "extras_step"): "critic losses",
             (learner.optimizer, "step"): "step",
@@ -160,14 +159,7 @@ class PhaseTimer:
             for (owner, name), phase in patches.items():
                 patched.enter_context(mock.patch.object(owner, name, self._timed(phase, getattr(owner, name))))
             patched.enter_context(mock.patch.object(torch.Tensor, "backward", counted_backward))
-            synchronize(learner)
-            start = time.perf_counter()
-            learner.publish(step)
-            synchronize(learner)
-            self._current["publish"] = time.perf_counter() - start
-            learner.learn(step, message)
-            synchronize(learner)
-            total = time.perf_counter() - start
+            total = timed_step(learner, teacher, step)
         self._current["rest"] = total - sum(self._current.values())
         for phase in PHASES:
             self.seconds[phase].append(self._current.get(phase, 0.0))
