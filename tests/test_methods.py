@@ -76,8 +76,11 @@ def test_loss_terms_match_golden_values(variant):
         GOLDEN.write_text(json.dumps(stored | {variant: got}, indent=2, sort_keys=True) + "\n")
     expected = json.loads(GOLDEN.read_text())[variant]
     assert got.keys() == expected.keys()
+    # fp32 on different CPUs: MCL's soft_vcl, a KL between two nearly equal softened
+    # distributions, differs by up to 6e-5 relative between an AMD EPYC and an Intel
+    # Xeon with AMX (every other term by under 2e-6); a changed formula moves a term far more
     for name in expected:
-        assert got[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
+        assert got[name] == pytest.approx(expected[name], rel=2e-4, abs=1e-7), name
 
 
 def test_golden_file_covers_every_method():
