@@ -9,10 +9,10 @@ callback (``cohort.console.ConsoleReporter``); so is Ray Tune's reporting.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,24 @@ class RunResult:
     final_top1: list[float]  # every peer's final-epoch test top-1
     ensemble_top1: float  # final-epoch test top-1 of the averaged probabilities
     selected_on: str  # "val" or "test"
+
+
+@dataclass
+class StepTotals:
+    """One peer's logged values summed over an epoch's steps, each with the number of
+    steps that logged it, so a term logged on some steps only (AMLN's D with
+    ``disc_every`` > 1) is averaged over those steps, not diluted by the others."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts.update(values.keys())
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
 
 
 class Cohort:
@@ -150,15 +168,15 @@ class Cohort:
         """One epoch (0-based ``epoch``; reported 1-based): steps, eval, checkpoint."""
         spe = self.describe["steps_per_epoch"]
         teachers = [self.pairing.teachers(j, self.size, epoch) for j in range(self.size)]
-        sums: list[dict[str, float]] = [{} for _ in range(self.size)]
-        self.run_steps(range(epoch * spe, (epoch + 1) * spe), teachers, sums)
+        totals = [StepTotals() for _ in range(self.size)]
+        self.run_steps(range(epoch * spe, (epoch + 1) * spe), teachers, totals)
         self.backend.get([self.backend.call(j, "finish_epoch", epoch) for j in range(self.size)])
-        self.record_epoch(epoch + 1, [{k: v / spe for k, v in s.items()} for s in sums])
+        self.record_epoch(epoch + 1, [t.means() for t in totals])
 
-    def run_steps(self, steps: range, teachers: list[tuple[int, ...]], sums: list[dict[str, float]]) -> None:
+    def run_steps(self, steps: range, teachers: list[tuple[int, ...]], totals: list[StepTotals]) -> None:
         """Publish then learn for each step, at most ``cohort.max_steps_in_flight``
-        steps outstanding; each completed step's terms are added to ``sums`` and
-        passed to the callbacks, in step order."""
+        steps outstanding; each completed step's terms are added to its peer's
+        ``totals`` and passed to the callbacks, in step order."""
         backend, limit = self.backend, self.config.cohort.max_steps_in_flight
         in_flight: deque[tuple[int, list[Any]]] = deque()
         with self._drained_on_error(in_flight):
@@ -170,15 +188,14 @@ class Cohort:
                 in_flight.append((step, learned))
                 del published  # actors hold the messages until their learn calls finish
                 while len(in_flight) >= limit:
-                    self._complete(*in_flight.popleft(), sums)
+                    self._complete(*in_flight.popleft(), totals)
             while in_flight:
-                self._complete(*in_flight.popleft(), sums)
+                self._complete(*in_flight.popleft(), totals)
 
-    def _complete(self, step: int, handles: list[Any], sums: list[dict[str, float]]) -> None:
+    def _complete(self, step: int, handles: list[Any], totals: list[StepTotals]) -> None:
         terms = self.backend.get(handles)
-        for j, values in enumerate(terms):
-            for name, value in values.items():
-                sums[j][name] = sums[j].get(name, 0.0) + value
+        for total, values in zip(totals, terms, strict=True):
+            total.add(values)
         for callback in self.callbacks:
             callback.on_step(step, terms)
 

@@ -211,8 +211,10 @@ class Peer:
             p.requires_grad_(True)
 
         if self.critic_optimizer is not None:
-            with self.autocast():
-                critic_terms = self.method.extras_step(output, teachers, self.extras)
+            critic_terms = {}
+            if self.method.updates_critics(self.data.plan.locate(step)[1]):
+                with self.autocast():
+                    critic_terms = self.method.extras_step(output, teachers, self.extras)
             if critic_terms:
                 self.method.check_declared(critic_terms, self.method.critic_terms, "critic_terms", "extras_step")
                 logged |= self._finite_floats(step, critic_terms, teachers)

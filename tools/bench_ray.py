@@ -37,7 +37,7 @@ import yaml  # noqa: E402
 
 from cohort.backends import LocalBackend, RayBackend  # noqa: E402
 from cohort.config import load_config  # noqa: E402
-from cohort.coordinator import Cohort  # noqa: E402
+from cohort.coordinator import Cohort, StepTotals  # noqa: E402
 from cohort.peer import Peer  # noqa: E402
 
 BASE = [
@@ -95,10 +95,10 @@ def measure(cohort: Cohort, steps: int, warmup: int) -> tuple[float, float]:
     """(wall seconds per step, busiest peer's compute seconds per step)."""
     teachers = [cohort.pairing.teachers(j, cohort.size, 0) for j in range(cohort.size)]
     backend = cohort.backend
-    cohort.run_steps(range(warmup), teachers, [{} for _ in range(cohort.size)])
+    cohort.run_steps(range(warmup), teachers, [StepTotals() for _ in range(cohort.size)])
     backend.get([backend.call(j, "take_compute") for j in range(cohort.size)])
     start = time.perf_counter()
-    cohort.run_steps(range(warmup, warmup + steps), teachers, [{} for _ in range(cohort.size)])
+    cohort.run_steps(range(warmup, warmup + steps), teachers, [StepTotals() for _ in range(cohort.size)])
     wall = (time.perf_counter() - start) / steps
     compute = backend.get([backend.call(j, "take_compute") for j in range(cohort.size)])
     return wall, max(statistics.fmean(c) for c in compute)

@@ -37,6 +37,8 @@ VARIANTS = {
     "amln L_C+L_KL (case B)": ["method.name=amln", "method.feature=false", "method.adversarial=false"],
     "amln + L_F only (case C)": ["method.name=amln", "method.adversarial=false"],
     "amln + L_D only (case D)": ["method.name=amln", "method.feature=false"],
+    "amln, D every 2nd step": ["method.name=amln", "method.disc_every=2"],
+    "amln, D every 4th step": ["method.name=amln", "method.disc_every=4"],
     "mcl": ["method.name=mcl"],
     "lmcl (no meta step)": ["method.name=lmcl", "method.meta_every=0"],
     "lmcl (meta step every step)": ["method.name=lmcl", "method.meta_every=1"],
@@ -85,22 +87,35 @@ def timed_step(learner: Peer, teacher: Peer, step: int) -> float:
     return time.perf_counter() - start
 
 
+CYCLE = 4  # steps per window of typical(): the longest update schedule a variant has (D every 4th step)
+
+
+def typical(seconds: list[float]) -> float:
+    """The median over consecutive windows of CYCLE steps of each window's mean: the
+    median step for variants doing the same work every step, and the mean step, not
+    the cheap or the dear one, for those whose critics update every 2nd or 4th step."""
+    windows = [seconds[k : k + CYCLE] for k in range(0, len(seconds) - CYCLE + 1, CYCLE)]
+    if not windows:
+        raise ValueError(f"--steps must be at least {CYCLE}")
+    return statistics.median(statistics.fmean(window) for window in windows)
+
+
 def time_steps(overrides: list[str], steps: int, warmup: int = 3) -> float:
-    """Median seconds of one variant's publish + learn."""
+    """Typical seconds (``typical``) of one variant's publish + learn."""
     learner, teacher = build(overrides)
     times = [timed_step(learner, teacher, step) for step in range(warmup + steps)]
-    return statistics.median(times[warmup:])
+    return typical(times[warmup:])
 
 
 def time_interleaved(variants: dict[str, list[str]], steps: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per variant, taking one step of each in turn, so that drift in
+    """Typical seconds per variant (``typical``), taking one step of each in turn, so that drift in
     the machine's speed (this VM drifts by up to 10% over minutes) hits all alike."""
     pairs = {name: build(overrides) for name, overrides in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for step in range(warmup + steps):
         for name, (learner, teacher) in pairs.items():
             times[name].append(timed_step(learner, teacher, step))
-    return {name: statistics.median(t[warmup:]) for name, t in times.items()}
+    return {name: typical(t[warmup:]) for name, t in times.items()}
 
 
 def first_step_seconds(overrides: list[str]) -> float:
@@ -166,7 +181,7 @@ class PhaseTimer:
 
 
 def print_phases(variants: dict[str, list[str]], steps: int, warmup: int = 3) -> None:
-    """Median ms per phase of each variant's step, variants interleaved step by step."""
+    """Typical ms per phase (``typical``) of each variant's step, variants interleaved step by step."""
     timers: dict[str, tuple[PhaseTimer, Peer]] = {}
     for name, overrides in variants.items():
         learner, teacher = build(overrides)
@@ -174,12 +189,15 @@ def print_phases(variants: dict[str, list[str]], steps: int, warmup: int = 3) ->
     for step in range(warmup + steps):
         for timer, teacher in timers.values():
             timer.step(teacher, step)
-    print(f"ms per phase, median of {steps} steps, variants interleaved (the total is the sum of the medians)")
+    print(
+        f"ms per phase, median over {CYCLE}-step windows of their mean, {steps} steps, variants interleaved "
+        "(the total is the sum of the phases)"
+    )
     print("| method | " + " | ".join(PHASES) + " | total |")
     print("| --- |" + " ---: |" * (len(PHASES) + 1))
     for name, (timer, _) in timers.items():
-        medians = [1000 * statistics.median(timer.seconds[phase][warmup:]) for phase in PHASES]
-        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in medians) + f" | {sum(medians):.1f} |")
+        phases = [1000 * typical(timer.seconds[phase][warmup:]) for phase in PHASES]
+        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in phases) + f" | {sum(phases):.1f} |")
 
 
 def chosen_variants(only: str | None) -> dict[str, list[str]]:
@@ -202,7 +220,10 @@ def print_matrix(steps: int, threads: int, extra: list[str], methods: dict[str, 
     results = time_interleaved(variants, steps)
     base = results[("vanilla", "NCHW fp32")]
     columns = list(LAYOUTS_AND_PRECISIONS)
-    print(f"step ms (x vanilla NCHW fp32); batch 128, {threads} thread(s), median of {steps} steps, interleaved")
+    print(
+        f"step ms (x vanilla NCHW fp32); batch 128, {threads} thread(s), typical of {steps} steps "
+        f"(median of {CYCLE}-step means), interleaved"
+    )
     print("| method | " + " | ".join(columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for method in methods:
@@ -239,7 +260,7 @@ def main() -> None:
         return
     results = time_interleaved(variants, args.steps)
     base = results["vanilla"]
-    print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), median of {args.steps} "
+    print(f"| method | step (ms) | x vanilla |   (batch 128, {args.threads} thread(s), typical of {args.steps} "
           f"steps, variants interleaved; {' '.join(chosen)})")  # fmt: skip
     print("| --- | ---: | ---: |")
     for name, seconds in results.items():

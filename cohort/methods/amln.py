@@ -11,7 +11,9 @@ giving the ablation cases A-E of Table 6.
 Choices the paper leaves open (see also functional.py):
 - L_D is eq. 1 as printed: linear in D's probability for "teacher" (no log).
 - The discriminators train after the peer's update, on the same step's features,
-  with Adam (lr ``method.disc_lr``, betas 0.5/0.999, the usual GAN setting).
+  with Adam (lr ``method.disc_lr``, betas 0.5/0.999, the usual GAN setting), at
+  every ``method.disc_every``-th batch of an epoch (default 1: every step). Section 3
+  gives no schedule; Algorithm 1, which the text points to, is not in our copy.
 - With several teachers (all_pairs) each term is averaged over teachers.
 - Defaults chosen on validation (docs/accuracy.md), departing from the printed form:
   the KL direction is KL(p_t || p_j) (``kl_direction`` teacher_student; eq. 7 prints
@@ -58,6 +60,8 @@ class AMLNConfig(RampedSection):
     feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps
     block_reduce: Literal["sum", "mean"] = "sum"  # L_D and L_F over blocks (printed: sum)
     gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
+    # D's update runs at every disc_every-th batch of an epoch (Algorithm 1 leaves it open; 1: every step)
+    disc_every: int = Field(1, ge=1)
     # the ramp-up lasts at least this many steps (chosen on validation in the small-data regime, docs/accuracy.md)
     rampup_min_steps: int = Field(140, ge=0)
 
@@ -118,6 +122,9 @@ class AMLN(Method):
 
     def critic_optimizer(self, parameters):
         return gan_adam(parameters, self.config.disc_lr) if parameters else None
+
+    def updates_critics(self, batch_index: int) -> bool:
+        return batch_index % self.config.disc_every == 0
 
     def extras_step(self, output, teachers, extras):
         if not self.config.adversarial:

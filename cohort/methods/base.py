@@ -320,6 +320,12 @@ class Method:
         """Losses of the optional second update, over ``critic_parameters`` only."""
         return {}
 
+    def updates_critics(self, batch_index: int) -> bool:
+        """Whether ``extras_step`` runs at this batch (its 0-based index in the epoch);
+        on the others the critics keep their weights and log nothing. Default: every
+        batch. AMLN's ``disc_every`` thins its discriminators' updates."""
+        return True
+
     def meta_step(self, batch: PeerBatch, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
         """Optional update of ``critic_parameters`` that needs the peer's network and
         batch, run by the peer after its own update (and ``extras_step``). The method
