@@ -3,12 +3,13 @@ a vanished cluster stops the run with exit 1, bad output folders are refused."""
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 
 from cohort.backends import ClusterGone, LocalBackend, PeerFailure
 from cohort.callbacks import Callback
 from cohort.config import ConfigError, check_resume
-from cohort.coordinator import Cohort, TrainingStopped, prepare_run_dir, train
+from cohort.coordinator import Cohort, StepTotals, TrainingStopped, prepare_run_dir, train
 from cohort.run import main
 
 from helpers import quiet, synthetic_config, tree_digest
@@ -166,3 +167,33 @@ def test_cosine_runs_cannot_resume_with_another_length():
     check_resume(saved, synthetic_config(None, "optim.schedule=cosine", "optim.epochs=4", "run.max_failures=5"))
     with pytest.raises(ConfigError, match="optim.epochs cannot change under optim.schedule=cosine"):
         check_resume(saved, synthetic_config(None, "optim.schedule=cosine", "optim.epochs=6"))
+
+
+class RecordTerms(Callback):
+    def __init__(self) -> None:
+        self.steps: list[list[dict[str, float]]] = []
+
+    def on_step(self, step, terms):
+        self.steps.append(terms)
+
+
+def test_an_epochs_train_value_is_the_mean_over_the_steps_that_logged_it(tmp_path):
+    config = synthetic_config(tmp_path, "method.name=amln", "method.disc_every=3")  # D at batches 0 and 3 of 4
+    recorder = RecordTerms()
+    cohort = Cohort(config, prepare_run_dir(config, resume=False), [recorder], log=quiet)
+    cohort.fit()
+    train = cohort.metrics.frame().filter((pl.col("split") == "train") & (pl.col("epoch") == 1))
+    for j in range(2):
+        disc = [terms[j]["disc"] for terms in recorder.steps if "disc" in terms[j]]
+        loss = [terms[j]["loss"] for terms in recorder.steps]
+        assert len(disc) == 2 and len(loss) == 4
+        mine = train.filter(pl.col("peer") == j)
+        assert mine.filter(pl.col("metric") == "disc")["value"].item() == pytest.approx(sum(disc) / 2)
+        assert mine.filter(pl.col("metric") == "loss")["value"].item() == pytest.approx(sum(loss) / 4)
+
+
+def test_step_totals_average_each_value_over_its_own_steps():
+    totals = StepTotals()
+    totals.add({"loss": 1.0, "disc": 4.0})
+    totals.add({"loss": 3.0})
+    assert totals.means() == {"loss": 2.0, "disc": 4.0}

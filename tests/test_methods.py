@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from cohort.config import load_config
+from cohort.config import ConfigError, load_config
 from cohort.methods import Message, build_method, list_methods
 from cohort.methods import functional as L
 from cohort.methods.base import rampup_weight
@@ -582,3 +582,24 @@ def test_amln_ablation_cases_a_and_b_train_exactly_as_vanilla_and_dml(case, same
     for mine, theirs, other in zip(ablated, reference, full_amln):
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
         assert not all(torch.equal(mine[k], other[k]) for k in mine)  # the comparison can tell methods apart
+
+
+def test_amln_disc_every_updates_the_discriminators_only_at_every_kth_batch_of_an_epoch():
+    config = synthetic_config(None, "method.name=amln", "method.disc_every=3")  # 4 batches an epoch
+    peers = [Peer(j, config) for j in range(2)]
+    for step in range(6):  # batches 0 1 2 3 | 0 1: D learns at 0, 3, 0
+        discs = [{k: v.clone() for k, v in p.extras["disc"].state_dict().items()} for p in peers]
+        models = [{k: v.clone() for k, v in p.model.state_dict().items()} for p in peers]
+        messages = [p.publish(step) for p in peers]
+        logged = [p.learn(step, messages[1 - j]) for j, p in enumerate(peers)]
+        due = (step % 4) % 3 == 0
+        for p, disc, model, values in zip(peers, discs, models, logged):
+            assert ("disc" in values) == due, step
+            assert any(not torch.equal(v, disc[k]) for k, v in p.extras["disc"].state_dict().items()) == due, step
+            assert any(not torch.equal(v, model[k]) for k, v in p.model.state_dict().items()), step
+            assert "adv" in values  # the peer's side of eq. 1 runs every step
+
+
+def test_disc_every_must_be_a_positive_count():
+    with pytest.raises(ConfigError, match="method.disc_every"):
+        synthetic_config(None, "method.name=amln", "method.disc_every=0")
