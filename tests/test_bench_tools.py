@@ -1,9 +1,11 @@
-"""tools/bench_step.py's phase split: each phase is what Peer.learn calls, and the
-timer leaves the peer as it found it."""
+"""tools/bench_step.py's phase split (each phase is what Peer.learn calls, and the
+timer leaves the peer as it found it) and typical step; tools/grad_trace.py runs."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import math
 import warnings
 
 import pytest
@@ -41,3 +43,30 @@ def test_phase_timer_splits_each_step_into_the_calls_of_learn(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learner.scheduler.step()
+
+
+def test_typical_step_is_the_median_window_mean_so_a_sparse_critic_update_is_averaged_in():
+    bench = bench_step()
+    assert bench.CYCLE == 4
+    every_step = [1.0, 1.0, 9.0, 1.0] + [1.0] * 8  # window means 3, 1, 1: the median ignores the outlier
+    assert bench.typical(every_step) == pytest.approx(1.0)
+    every_fourth = [5.0, 1.0, 1.0, 1.0] * 3  # D's update on one step in four: charged its mean, 2.0
+    assert bench.typical(every_fourth) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench.typical([1.0] * 6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grad_trace_measures_every_amln_term_per_block_in_either_precision(tmp_path, precision):
+    spec = importlib.util.spec_from_file_location("grad_trace", REPO / "tools" / "grad_trace.py")
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    out = tmp_path / "trace.csv"
+    small = ["data.name=synthetic", "data.train_subset=null", "data.synthetic.train_size=32"]
+    small += ["data.synthetic.test_size=16", "data.batch_size=16", "method.name=amln", f"run.precision={precision}"]
+    trace.main(["--every", "1", "--max-steps", "2", "--out", str(out), *small])
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["step"], r["peer"]) for r in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    for name in ("g_ce", "g_kl", "g_feat", "g_adv", "g_feat_b0", "g_adv_b2", "dacc_b1"):
+        assert all(math.isfinite(float(r[name])) for r in rows), name
+    assert all(float(r["g_ce"]) > 0 and float(r["g_adv_b0"]) > 0 for r in rows)

@@ -22,6 +22,10 @@ from cohort.peer import Peer
 from helpers import REPO, synthetic_config
 
 GOLDEN = REPO / "tests" / "golden" / "losses.json"
+# fp32 on different CPUs: MCL's and L-MCL's soft_vcl, a KL between two nearly equal
+# softened distributions, differs by up to 6e-5 relative between an AMD EPYC and an
+# Intel Xeon with AMX; every other term by under 2e-6, inside the default 1e-5
+GOLDEN_REL = {"soft_vcl": 2e-4}
 METHOD_VARIANTS = {
     "vanilla": ["method.name=vanilla"],
     "dml": ["method.name=dml"],
@@ -76,11 +80,8 @@ def test_loss_terms_match_golden_values(variant):
         GOLDEN.write_text(json.dumps(stored | {variant: got}, indent=2, sort_keys=True) + "\n")
     expected = json.loads(GOLDEN.read_text())[variant]
     assert got.keys() == expected.keys()
-    # fp32 on different CPUs: MCL's soft_vcl, a KL between two nearly equal softened
-    # distributions, differs by up to 6e-5 relative between an AMD EPYC and an Intel
-    # Xeon with AMX (every other term by under 2e-6); a changed formula moves a term far more
     for name in expected:
-        assert got[name] == pytest.approx(expected[name], rel=2e-4, abs=1e-7), name
+        assert got[name] == pytest.approx(expected[name], rel=GOLDEN_REL.get(name, 1e-5), abs=1e-7), name
 
 
 def test_golden_file_covers_every_method():

@@ -37,8 +37,8 @@ VARIANTS = {
     "amln L_C+L_KL (case B)": ["method.name=amln", "method.feature=false", "method.adversarial=false"],
     "amln + L_F only (case C)": ["method.name=amln", "method.adversarial=false"],
     "amln + L_D only (case D)": ["method.name=amln", "method.feature=false"],
-    "amln, D every 2nd step": ["method.name=amln", "method.disc_every=2"],
-    "amln, D every 4th step": ["method.name=amln", "method.disc_every=4"],
+    "amln D every 2nd step": ["method.name=amln", "method.disc_every=2"],
+    "amln D every 4th step": ["method.name=amln", "method.disc_every=4"],
     "mcl": ["method.name=mcl"],
     "lmcl (no meta step)": ["method.name=lmcl", "method.meta_every=0"],
     "lmcl (meta step every step)": ["method.name=lmcl", "method.meta_every=1"],
@@ -94,9 +94,9 @@ def typical(seconds: list[float]) -> float:
     """The median over consecutive windows of CYCLE steps of each window's mean: the
     median step for variants doing the same work every step, and the mean step, not
     the cheap or the dear one, for those whose critics update every 2nd or 4th step."""
-    windows = [seconds[k : k + CYCLE] for k in range(0, len(seconds) - CYCLE + 1, CYCLE)]
-    if not windows:
-        raise ValueError(f"--steps must be at least {CYCLE}")
+    if not seconds or len(seconds) % CYCLE:
+        raise ValueError(f"--steps must be a positive multiple of {CYCLE}, not {len(seconds)}")
+    windows = [seconds[k : k + CYCLE] for k in range(0, len(seconds), CYCLE)]
     return statistics.median(statistics.fmean(window) for window in windows)
 
 
@@ -245,6 +245,8 @@ def main() -> None:
         "--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms (GPU; not a cohort key yet)"
     )
     args = parser.parse_args()
+    if args.steps <= 0 or args.steps % CYCLE:
+        parser.error(f"--steps must be a positive multiple of {CYCLE} (steps are timed in windows of {CYCLE})")
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     extra = ["run.compile=true"] if args.compile else []

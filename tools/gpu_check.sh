@@ -9,7 +9,7 @@
 #   device run: command "bash tools/gpu_check.sh run", carry [".whl"], timeout_s 420
 #
 # "run" writes matrix.txt, phases.txt and cudnn.txt under $OUT (what the device tool brings back)
-# and prints them. It takes about 3-5 minutes of the 15 a session has; record the
+# and prints them. It takes about 4-6 minutes of the 15 a session has; record the
 # tables in docs/benchmarks.md with this command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ run)
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-    python3 tools/bench_step.py --matrix --steps 20 --only dml,afd,amln 2>&1 | tee "$out/matrix.txt"
+    python3 tools/bench_step.py --matrix --steps 20 --only "dml,afd,amln (full,amln L_C,amln +" 2>&1 | tee "$out/matrix.txt"
     python3 tools/bench_step.py --phases --precision bf16 --steps 20 --only amln 2>&1 | tee "$out/phases.txt"
     # cuDNN's algorithm search: off in cohort (it can pick different algorithms in different
     # processes, so Ray and local runs, and resumed ones, would no longer agree bit for bit)

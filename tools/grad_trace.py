@@ -43,62 +43,66 @@ def grad_norm(value: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[fl
 
 def measure(peer: Peer, step: int, teacher_messages) -> dict[str, float]:
     """Everything about one peer at one step, without changing its state."""
-    _, output, targets = peer._pending
-    teachers = [m.from_wire().to(peer.device, torch.float32) for m in teacher_messages]
+    _, output, targets, _ = peer._pending
+    teachers = [  # as Peer.learn converts them: logits in fp32, feature maps in the autocast dtype
+        m.from_wire().to(peer.device, torch.float32, maps_dtype=peer.autocast_dtype) for m in teacher_messages
+    ]
     cfg = peer.method.config
     params = [p for p in peer.model.parameters() if p.requires_grad]
     row: dict[str, float] = {}
     for p in peer.critic_params:
         p.requires_grad_(False)
     try:
-        terms = peer.method.losses(output, targets, teachers, peer.extras)
-        spe = peer.data.plan.steps_per_epoch
-        terms = peer.method.ramp(terms, step + 1, spe)
-        flats = {}
-        for name, value in terms.items():
-            row[f"val_{name}"] = float(value)
-            row[f"g_{name}"], flats[name] = grad_norm(value, params)
-        total = sum(terms.values())
-        row["g_total"], _ = grad_norm(total, params)
-        for name, flat in flats.items():
-            if name != "ce":
-                row[f"cos_ce_{name}"] = float(torch.nn.functional.cosine_similarity(flat, flats["ce"], dim=0))
-        # per-block contributions (ramped like the term they belong to)
-        from cohort.methods.base import rampup_weight
+        with peer.autocast():  # as Peer.learn computes its losses
+            terms = peer.method.losses(output, targets, teachers, peer.extras)
+            spe = peer.data.plan.steps_per_epoch
+            terms = peer.method.ramp(terms, step + 1, spe)
+            flats = {}
+            for name, value in terms.items():
+                row[f"val_{name}"] = float(value.detach())
+                row[f"g_{name}"], flats[name] = grad_norm(value, params)
+            total = sum(terms.values())
+            row["g_total"], _ = grad_norm(total, params)
+            for name, flat in flats.items():
+                if name != "ce":
+                    row[f"cos_ce_{name}"] = float(torch.nn.functional.cosine_similarity(flat, flats["ce"], dim=0))
+            # per-block contributions (ramped like the term they belong to)
+            from cohort.methods.base import rampup_weight
 
-        w = rampup_weight(step + 1, cfg.rampup_steps(spe) if hasattr(cfg, "rampup_steps") else 0.0)
-        row["ramp"] = w
-        nblocks = len(output.blocks)
-        per_block = 1.0 / nblocks if getattr(cfg, "block_reduce", "sum") == "mean" else 1.0
-        msg = teachers[0]
-        key = teacher_key(msg.source)
-        if cfg.name == "amln":
-            final = msg.blocks[-1]
-            row["rms_teacher_final"] = float(final.pow(2).mean().sqrt())
-            row["var_teacher_final"] = float(final.var(dim=0).mean())  # per-position variance over the batch
-            for b, feature in enumerate(output.blocks):
-                row[f"rms_own_b{b}"] = float(feature.detach().pow(2).mean().sqrt())
-                row[f"rms_teacher_b{b}"] = float(msg.blocks[b].pow(2).mean().sqrt())
-                if cfg.feature:
-                    container = peer.extras["align"][key][b]
-                    aligned = container(feature, final.shape[-2:])
-                    d = L.alignment_distance(aligned, final, getattr(cfg, "feature_norm", "none"))
-                    row[f"feat_b{b}"] = float(d)
-                    row[f"g_feat_b{b}"], _ = grad_norm(w * per_block * cfg.beta * d, params)
-                if cfg.adversarial:
-                    disc = peer.extras["disc"][key][b]
-                    fooling = L.log_fooling_loss if getattr(cfg, "gan_form", "linear") == "log" else L.fooling_loss
-                    fool = fooling(disc(feature))
-                    row[f"adv_b{b}"] = float(fool)
-                    row[f"g_adv_b{b}"], _ = grad_norm(w * per_block * getattr(cfg, "adv_weight", 1.0) * fool, params)
-                    with torch.no_grad():
-                        own_s, their_s = disc(feature.detach()), disc(msg.blocks[b])
-                        p_own = L.teacher_probability(own_s)
-                        p_their = L.teacher_probability(their_s)
-                        row[f"dacc_own_b{b}"] = float((p_own < 0.5).float().mean())
-                        row[f"dacc_teacher_b{b}"] = float((p_their > 0.5).float().mean())
-                        row[f"dacc_b{b}"] = 0.5 * (row[f"dacc_own_b{b}"] + row[f"dacc_teacher_b{b}"])
-                        row[f"dp_own_b{b}"] = float(p_own.mean())  # D's P(teacher) on own features
+            w = rampup_weight(step + 1, cfg.rampup_steps(spe) if hasattr(cfg, "rampup_steps") else 0.0)
+            row["ramp"] = w
+            nblocks = len(output.blocks)
+            per_block = 1.0 / nblocks if getattr(cfg, "block_reduce", "sum") == "mean" else 1.0
+            msg = teachers[0]
+            key = teacher_key(msg.source)
+            if cfg.name == "amln":
+                final = msg.blocks[-1]
+                row["rms_teacher_final"] = float(final.pow(2).mean().sqrt())
+                row["var_teacher_final"] = float(final.var(dim=0).mean())  # per-position variance over the batch
+                for b, feature in enumerate(output.blocks):
+                    row[f"rms_own_b{b}"] = float(feature.detach().pow(2).mean().sqrt())
+                    row[f"rms_teacher_b{b}"] = float(msg.blocks[b].pow(2).mean().sqrt())
+                    if cfg.feature:
+                        container = peer.extras["align"][key][b]
+                        aligned = container(feature, final.shape[-2:])
+                        d = L.alignment_distance(aligned, final, getattr(cfg, "feature_norm", "none"))
+                        row[f"feat_b{b}"] = float(d.detach())
+                        row[f"g_feat_b{b}"], _ = grad_norm(w * per_block * cfg.beta * d, params)
+                    if cfg.adversarial:
+                        disc = peer.extras["disc"][key][b]
+                        fooling = L.log_fooling_loss if getattr(cfg, "gan_form", "linear") == "log" else L.fooling_loss
+                        fool = fooling(disc(feature))
+                        row[f"adv_b{b}"] = float(fool.detach())
+                        weight = w * per_block * getattr(cfg, "adv_weight", 1.0)
+                        row[f"g_adv_b{b}"], _ = grad_norm(weight * fool, params)
+                        with torch.no_grad():
+                            own_s, their_s = disc(feature.detach()), disc(msg.blocks[b])
+                            p_own = L.teacher_probability(own_s)
+                            p_their = L.teacher_probability(their_s)
+                            row[f"dacc_own_b{b}"] = float((p_own < 0.5).float().mean())
+                            row[f"dacc_teacher_b{b}"] = float((p_their > 0.5).float().mean())
+                            row[f"dacc_b{b}"] = 0.5 * (row[f"dacc_own_b{b}"] + row[f"dacc_teacher_b{b}"])
+                            row[f"dp_own_b{b}"] = float(p_own.mean())  # D's P(teacher) on own features
     finally:
         for p in peer.critic_params:
             p.requires_grad_(True)

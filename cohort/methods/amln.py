@@ -60,7 +60,7 @@ class AMLNConfig(RampedSection):
     feature_norm: Literal["none", "sample"] = "none"  # L_F on raw maps, or per-sample L2-normalised maps
     block_reduce: Literal["sum", "mean"] = "sum"  # L_D and L_F over blocks (printed: sum)
     gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
-    # D's update runs at every disc_every-th batch of an epoch (Algorithm 1 leaves it open; 1: every step)
+    # D's update runs at every disc_every-th batch of an epoch (section 3 gives no schedule; 1: every step)
     disc_every: int = Field(1, ge=1)
     # the ramp-up lasts at least this many steps (chosen on validation in the small-data regime, docs/accuracy.md)
     rampup_min_steps: int = Field(140, ge=0)

@@ -322,8 +322,10 @@ class Method:
 
     def updates_critics(self, batch_index: int) -> bool:
         """Whether ``extras_step`` runs at this batch (its 0-based index in the epoch);
-        on the others the critics keep their weights and log nothing. Default: every
-        batch. AMLN's ``disc_every`` thins its discriminators' updates."""
+        on the others it is skipped: no update from it, nothing logged. ``meta_step``
+        is not gated by this; it keeps its own schedule (L-MCL's ``meta_every``, from
+        ``PeerBatch.batch_index``). Default: every batch. AMLN's ``disc_every`` thins
+        its discriminators' updates."""
         return True
 
     def meta_step(self, batch: PeerBatch, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
