@@ -64,7 +64,11 @@ def test_grad_trace_measures_every_amln_term_per_block_in_either_precision(tmp_p
     out = tmp_path / "trace.csv"
     small = ["data.name=synthetic", "data.train_subset=null", "data.synthetic.train_size=32"]
     small += ["data.synthetic.test_size=16", "data.batch_size=16", "method.name=amln", f"run.precision={precision}"]
-    trace.main(["--every", "1", "--max-steps", "2", "--out", str(out), *small])
+    threads = torch.get_num_threads()
+    try:
+        trace.main(["--every", "1", "--max-steps", "2", "--out", str(out), *small])
+    finally:
+        torch.set_num_threads(threads)  # its peers set the process's threads (--threads); later tests expect ours
     rows = list(csv.DictReader(out.open()))
     assert [(r["step"], r["peer"]) for r in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
     for name in ("g_ce", "g_kl", "g_feat", "g_adv", "g_feat_b0", "g_adv_b2", "dacc_b1"):
