@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .data import load_data, seed_for
 from .methods import Message, build_method
 from .methods.base import PeerBatch
 from .models import create_model, model_block_info
+from .models.base import Output
 from .pairing import make_pairing
 
 TRANSPORT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # None: as computed
@@ -186,14 +188,7 @@ class Peer:
         _, output, targets, inputs = self._pending
         self._pending = None
         self._check_teachers(step, teacher_messages)
-        reads = self.method.teacher_fields()
-        # Logits and embeddings feed the losses, in fp32. Feature maps feed convolutions
-        # (discriminators), which run in the autocast dtype: casting a bf16 map to fp32
-        # here, only for autocast to cast it back, cost two copies of each map a step.
-        teachers = [
-            m.from_wire().only(reads).to(self.device, torch.float32, maps_dtype=self.autocast_dtype)
-            for m in teacher_messages
-        ]
+        teachers = self.receive(teacher_messages)
 
         for p in self.critic_params:  # the peer's loss must not train its critics
             p.requires_grad_(False)
@@ -211,21 +206,40 @@ class Peer:
             p.requires_grad_(True)
 
         if self.critic_optimizer is not None:
-            critic_terms = {}
-            if self.method.updates_critics(self.data.plan.locate(step)[1]):
-                with self.autocast():
-                    critic_terms = self.method.extras_step(output, teachers, self.extras)
-            if critic_terms:
-                self.method.check_declared(critic_terms, self.method.critic_terms, "critic_terms", "extras_step")
-                logged |= self._finite_floats(step, critic_terms, teachers)
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                sum(critic_terms.values()).backward()
-                self.critic_optimizer.step()
-            logged |= self._meta_step(step, inputs, targets, teachers)
+            batch_index = self.data.plan.locate(step)[1]
+            if self.method.updates_critics(batch_index):
+                logged |= self._critic_step(step, output, teachers)
+            logged |= self._meta_step(step, batch_index, inputs, targets, teachers)
         logged["top1"] = float((output.logits.argmax(1) == targets).float().mean())
         return logged
 
-    def _meta_step(self, step: int, inputs: Tensor, targets: Tensor, teachers: list[Message]) -> dict[str, float]:
+    def receive(self, teacher_messages: Sequence[Message]) -> list[Message]:
+        """Teacher messages as this peer's losses read them: only the fields its method
+        reads, on its device; logits and embeddings in fp32 (they feed the losses),
+        feature maps in the autocast dtype (they feed convolutions: casting a bf16 map
+        to fp32 only for autocast to cast it back cost two copies of each map a step)."""
+        reads = self.method.teacher_fields()
+        return [
+            m.from_wire().only(reads).to(self.device, torch.float32, maps_dtype=self.autocast_dtype)
+            for m in teacher_messages
+        ]
+
+    def _critic_step(self, step: int, output: Output, teachers: list[Message]) -> dict[str, float]:
+        """The method's ``extras_step``: one update of its critics (AMLN's discriminators)."""
+        with self.autocast():
+            terms = self.method.extras_step(output, teachers, self.extras)
+        if not terms:
+            return {}
+        self.method.check_declared(terms, self.method.critic_terms, "critic_terms", "extras_step")
+        logged = self._finite_floats(step, terms, teachers)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        self.critic_optimizer.step()
+        return logged
+
+    def _meta_step(
+        self, step: int, batch_index: int, inputs: Tensor, targets: Tensor, teachers: list[Message]
+    ) -> dict[str, float]:
         """The method's optional ``meta_step`` (L-MCL's meta-learned weights), which
         updates its critics through virtual steps of this peer's network."""
         group = self.optimizer.param_groups[0]
@@ -235,7 +249,7 @@ class Peer:
             inputs=inputs,
             targets=targets,
             teachers=teachers,
-            batch_index=self.data.plan.locate(step)[1],
+            batch_index=batch_index,
             lr=group["lr"],
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],

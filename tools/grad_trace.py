@@ -44,9 +44,7 @@ def grad_norm(value: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[fl
 def measure(peer: Peer, step: int, teacher_messages) -> dict[str, float]:
     """Everything about one peer at one step, without changing its state."""
     _, output, targets, _ = peer._pending
-    teachers = [  # as Peer.learn converts them: logits in fp32, feature maps in the autocast dtype
-        m.from_wire().to(peer.device, torch.float32, maps_dtype=peer.autocast_dtype) for m in teacher_messages
-    ]
+    teachers = peer.receive(teacher_messages)  # as Peer.learn sees them
     cfg = peer.method.config
     params = [p for p in peer.model.parameters() if p.requires_grad]
     row: dict[str, float] = {}
