@@ -28,8 +28,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
+
+from ..models.base import BlockInfo
 
 from ..sections import KLDirection, RampedSection
 from . import functional as L
@@ -62,6 +65,9 @@ class AMLNConfig(RampedSection):
     gan_form: Literal["linear", "log"] = "linear"  # eq. 1 as printed, or its log (cross-entropy) form
     # D's update runs at every disc_every-th batch of an epoch (section 3 gives no schedule; 1: every step)
     disc_every: int = Field(1, ge=1)
+    # D and the container see each block at its own resolution ("block", as printed) or
+    # average-pooled to the final block's spatial size ("final"; cheaper, docs/methods.md)
+    block_resolution: Literal["block", "final"] = "block"
     # the ramp-up lasts at least this many steps (chosen on validation in the small-data regime, docs/accuracy.md)
     rampup_min_steps: int = Field(140, ge=0)
 
@@ -82,12 +88,14 @@ class AMLN(Method):
                     for mine, theirs in zip(own, layout, strict=True)
                 )
             if cfg.feature:
-                containers[teacher_key(index)] = nn.ModuleList(AlignmentContainer(mine, layout[-1]) for mine in own)
+                sources = own if cfg.block_resolution == "block" else [BlockInfo(b.channels, own[-1].stride) for b in own]
+                containers[teacher_key(index)] = nn.ModuleList(AlignmentContainer(mine, layout[-1]) for mine in sources)
         return nn.ModuleDict({"disc": discriminators, "align": containers})
 
     def losses(self, output, targets, teachers, extras):
         cfg = self.config
         terms = {"ce": L.cross_entropy(output.logits, targets)}  # L_C, eq. 5
+        blocks = self.at_resolution(output.blocks) if cfg.feature or cfg.adversarial else []
         per_teacher = []
         for message in teachers:
             key, these = teacher_key(message.source), {}
@@ -100,14 +108,14 @@ class AMLN(Method):
                 distance = self.over_blocks(
                     [
                         L.alignment_distance(container(feature, final.shape[-2:]), final, cfg.feature_norm)
-                        for container, feature in zip(extras["align"][key], output.blocks)
+                        for container, feature in zip(extras["align"][key], blocks)
                     ]
                 )  # L_F, eq. 2
                 these["feat"] = cfg.beta * distance  # beta L_F, eq. 3
             if cfg.adversarial:
                 fooling = L.log_fooling_loss if cfg.gan_form == "log" else L.fooling_loss
                 these["adv"] = cfg.adv_weight * self.over_blocks(
-                    [fooling(disc(feature)) for disc, feature in zip(extras["disc"][key], output.blocks)]
+                    [fooling(disc(feature)) for disc, feature in zip(extras["disc"][key], blocks)]
                 )  # L_D, peer side of eq. 1 (min over f), over blocks; eq. 3 weighs it 1 (adv_weight)
             per_teacher.append(these)
         return terms | mean_over_teachers(per_teacher)  # eq. 9
@@ -116,6 +124,19 @@ class AMLN(Method):
         """Eq. 1-2 sum a term over blocks; ``method.block_reduce=mean`` averages instead."""
         total = sum(per_block)
         return total / len(per_block) if self.config.block_reduce == "mean" else total
+
+    def at_resolution(self, blocks: list[Tensor]) -> list[Tensor]:
+        """The block features D and the containers see: as they are (``block_resolution``
+        block, eq. 1-2 as printed), or each average-pooled to the final block's spatial
+        size (``final``), an open choice that makes both several times cheaper on CPU,
+        where their narrow convolutions at block 1's resolution cost more than the
+        backbone's (docs/benchmarks.md). The pooled map keeps every channel and each
+        location's mean over its window; D still reads spatial structure at 7x7 for a
+        28x28 input (ResNet-20)."""
+        if self.config.block_resolution == "block":
+            return list(blocks)
+        size = blocks[-1].shape[-2:]
+        return [b if b.shape[-2:] == size else F.adaptive_avg_pool2d(b, size) for b in blocks]
 
     def critic_parameters(self, extras):
         return list(extras["disc"].parameters())
@@ -135,7 +156,9 @@ class AMLN(Method):
             d_loss = L.log_discriminator_loss if self.config.gan_form == "log" else L.discriminator_loss
             loss = sum(
                 d_loss(*disc.score_pair(own.detach(), theirs))
-                for disc, own, theirs in zip(discriminators, output.blocks, message.blocks)
+                for disc, own, theirs in zip(
+                    discriminators, self.at_resolution(output.blocks), self.at_resolution(message.blocks)
+                )
             )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks
             per_teacher.append({"disc": loss})
         return mean_over_teachers(per_teacher)
@@ -146,7 +169,8 @@ class AMLN(Method):
         found: dict[str, float] = {}
         for message in teachers:
             discriminators = extras["disc"][teacher_key(message.source)]
-            for k, (disc, own, theirs) in enumerate(zip(discriminators, output.blocks, message.blocks)):
+            pairs = zip(discriminators, self.at_resolution(output.blocks), self.at_resolution(message.blocks))
+            for k, (disc, own, theirs) in enumerate(pairs):
                 accuracy = float(L.discriminator_accuracy(*disc.score_pair(own, theirs)))
                 found[f"disc_acc/b{k}"] = found.get(f"disc_acc/b{k}", 0.0) + accuracy / len(teachers)
         return found
