@@ -40,6 +40,7 @@ METHOD_VARIANTS = {
     "amln_case_c": ["method.name=amln", "method.adversarial=false"],
     "amln_case_d": ["method.name=amln", "method.feature=false"],
     "amln_beta_2": ["method.name=amln", "method.beta=2"],
+    "amln_final_resolution": ["method.name=amln", "method.block_resolution=final"],
     "afd": ["method.name=afd"],
     "mcl": ["method.name=mcl"],
     "lmcl": ["method.name=lmcl"],
@@ -604,3 +605,34 @@ def test_amln_disc_every_updates_the_discriminators_only_at_every_kth_batch_of_a
 def test_disc_every_must_be_a_positive_count():
     with pytest.raises(ConfigError, match="method.disc_every"):
         synthetic_config(None, "method.name=amln", "method.disc_every=0")
+
+
+def test_amln_final_block_resolution_feeds_d_and_the_containers_pooled_blocks(monkeypatch):
+    method = build_method(load_config(None, ["method.name=amln", "method.block_resolution=final"]).method)
+    layout, own, message, targets = fixed_inputs()
+    extras = method.build_extras(layout, {1: layout}, 10)
+    assert all(c.depthwise.stride == (1, 1) for c in extras["align"]["t1"])  # no striding left to do
+    final = own.blocks[-1].shape[-2:]
+    seen = {"d": [], "c": [], "pair": []}
+    d_forward, c_forward, pair = (
+        FeatureDiscriminator.forward,
+        AlignmentContainer.forward,
+        FeatureDiscriminator.score_pair,
+    )
+    monkeypatch.setattr(FeatureDiscriminator, "forward", lambda self, f: seen["d"].append(f) or d_forward(self, f))
+    monkeypatch.setattr(
+        AlignmentContainer, "forward", lambda self, f, size=None: seen["c"].append(f) or c_forward(self, f, size)
+    )
+    monkeypatch.setattr(
+        FeatureDiscriminator, "score_pair", lambda self, a, b: seen["pair"].append((a, b)) or pair(self, a, b)
+    )
+    terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
+    assert all(torch.isfinite(v) for v in terms.values()) and {"feat", "adv", "disc"} <= set(terms)
+    pooled = [torch.nn.functional.adaptive_avg_pool2d(b, final) for b in own.blocks]
+    theirs = [torch.nn.functional.adaptive_avg_pool2d(b, final) for b in message.blocks]
+    assert len(seen["c"]) == len(seen["pair"]) == 3
+    assert all(torch.equal(got, want) for got, want in zip(seen["c"], pooled))
+    assert all(torch.equal(got, want) for got, want in zip(seen["d"][:3], pooled))  # the peer's side of eq. 1
+    assert all(torch.equal(a, p) and torch.equal(b, t) for (a, b), p, t in zip(seen["pair"], pooled, theirs))
+    block = build_method(load_config(None, ["method.name=amln"]).method)
+    assert block.at_resolution(list(own.blocks)) == list(own.blocks)  # the default sees blocks as they are

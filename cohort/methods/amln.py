@@ -33,7 +33,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..models.base import BlockInfo
-
 from ..sections import KLDirection, RampedSection
 from . import functional as L
 from .base import Method, mean_over_teachers, teacher_key
@@ -88,7 +87,9 @@ class AMLN(Method):
                     for mine, theirs in zip(own, layout, strict=True)
                 )
             if cfg.feature:
-                sources = own if cfg.block_resolution == "block" else [BlockInfo(b.channels, own[-1].stride) for b in own]
+                sources = (
+                    own if cfg.block_resolution == "block" else [BlockInfo(b.channels, own[-1].stride) for b in own]
+                )
                 containers[teacher_key(index)] = nn.ModuleList(AlignmentContainer(mine, layout[-1]) for mine in sources)
         return nn.ModuleDict({"disc": discriminators, "align": containers})
 
