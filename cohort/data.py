@@ -6,9 +6,10 @@ samples with identical augmentation. ``BatchPlan`` derives the sample order and 
 augmentation seed from (run.seed, epoch, step) alone, so any process rebuilds the
 same batch with no coordination.
 
-Augmentation uses torchvision's v2 transforms; determinism comes from seeding a
-forked RNG (once per batch for in-memory data, once per sample for image folders,
-whose samples are decoded in DataLoader workers).
+Augmentation uses torchvision's v2 transforms (for in-memory data, ``augment.CropFlip``
+draws what they draw and applies it to the whole batch at once); determinism comes
+from seeding a forked RNG (once per batch for in-memory data, once per sample for
+image folders, whose samples are decoded in DataLoader workers).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
+from .augment import CropFlip
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -178,7 +180,7 @@ def make_plan(config: DataConfig, labels: Tensor, seed: int) -> BatchPlan:
 class TensorSplit:
     """An in-memory split of uint8 images (N, C, H, W) with their labels."""
 
-    def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, augment: v2.Transform | None) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, augment: CropFlip | None) -> None:
         self.images, self.labels, self.augment = images, labels, augment
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
@@ -191,7 +193,7 @@ class TensorSplit:
         if augment_seed is not None and self.augment is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(augment_seed)
-                images = torch.stack([self.augment(image) for image in images])
+                images = self.augment(images)
         x = (images.float().div_(255) - self.mean) / self.std
         return x, self.labels[positions]
 
@@ -353,10 +355,9 @@ def _subset(total: int, keep: int | None, seed: int) -> Tensor:
     return order if keep is None else order[:keep]
 
 
-def train_augmentation(info: DatasetInfo) -> v2.Transform:
-    """Light augmentation for uint8 image tensors: random crop with padding + flip."""
-    padding = 2 if info.image_size <= 28 else 4
-    return v2.Compose([v2.RandomCrop(info.image_size, padding=padding), v2.RandomHorizontalFlip()])
+def train_augmentation(info: DatasetInfo) -> CropFlip:
+    """Light augmentation for uint8 image batches: random crop with padding + flip."""
+    return CropFlip(info.image_size, padding=2 if info.image_size <= 28 else 4)
 
 
 def fashion_root(config: DataConfig) -> Path:

@@ -187,3 +187,22 @@ def test_class_balanced_batches_that_cannot_be_drawn_are_config_errors(overrides
 
     with pytest.raises(ConfigError, match=expected):
         load_config(None, ["data.sampler=class_balanced", *overrides])
+
+
+@pytest.mark.parametrize(("channels", "size", "padding"), [(1, 28, 2), (3, 32, 4)])
+def test_batched_crop_and_flip_equals_torchvisions_per_image_transforms_bit_for_bit(channels, size, padding):
+    from cohort.augment import CropFlip
+
+    augment = CropFlip(size, padding)
+    images = torch.randint(
+        0, 256, (64, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    torch.manual_seed(7)
+    batched, after_batched = augment(images), torch.rand(1)
+    torch.manual_seed(7)
+    per_image, after_per_image = torch.stack([augment.per_image()(image) for image in images]), torch.rand(1)
+    assert torch.equal(batched, per_image)
+    assert torch.equal(after_batched, after_per_image)  # the same draws, so whatever follows is unchanged too
+    assert not torch.equal(batched, images)  # it augments at all
+    flipped = CropFlip(size, 0, flip_p=1.0)(images)
+    assert torch.equal(flipped, images.flip(-1))  # no padding: no crop drawn, every image flipped
