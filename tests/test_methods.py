@@ -36,11 +36,13 @@ METHOD_VARIANTS = {
         "method.kl_direction=student_teacher",
         "method.beta=1",
         "method.adv_weight=1",
+        "method.block_resolution=block",
     ],
-    "amln_case_c": ["method.name=amln", "method.adversarial=false"],
-    "amln_case_d": ["method.name=amln", "method.feature=false"],
-    "amln_beta_2": ["method.name=amln", "method.beta=2"],
-    "amln_final_resolution": ["method.name=amln", "method.block_resolution=final"],
+    # D and C on blocks as they are: the default's values before block_resolution became final
+    "amln_block_resolution": ["method.name=amln", "method.block_resolution=block"],
+    "amln_case_c": ["method.name=amln", "method.adversarial=false", "method.block_resolution=block"],
+    "amln_case_d": ["method.name=amln", "method.feature=false", "method.block_resolution=block"],
+    "amln_beta_2": ["method.name=amln", "method.beta=2", "method.block_resolution=block"],
     "afd": ["method.name=afd"],
     "mcl": ["method.name=mcl"],
     "lmcl": ["method.name=lmcl"],
@@ -634,5 +636,5 @@ def test_amln_final_block_resolution_feeds_d_and_the_containers_pooled_blocks(mo
     assert all(torch.equal(got, want) for got, want in zip(seen["c"], pooled))
     assert all(torch.equal(got, want) for got, want in zip(seen["d"][:3], pooled))  # the peer's side of eq. 1
     assert all(torch.equal(a, p) and torch.equal(b, t) for (a, b), p, t in zip(seen["pair"], pooled, theirs))
-    block = build_method(load_config(None, ["method.name=amln"]).method)
+    block = build_method(load_config(None, ["method.name=amln", "method.block_resolution=block"]).method)
     assert block.at_resolution(list(own.blocks)) == list(own.blocks)  # the default sees blocks as they are

@@ -39,7 +39,7 @@ VARIANTS = {
     "amln + L_D only (case D)": ["method.name=amln", "method.feature=false"],
     "amln D every 2nd step": ["method.name=amln", "method.disc_every=2"],
     "amln D every 4th step": ["method.name=amln", "method.disc_every=4"],
-    "amln D and C at the final block's size": ["method.name=amln", "method.block_resolution=final"],
+    "amln D and C at each block's size (as printed)": ["method.name=amln", "method.block_resolution=block"],
     "mcl": ["method.name=mcl"],
     "lmcl (no meta step)": ["method.name=lmcl", "method.meta_every=0"],
     "lmcl (meta step every step)": ["method.name=lmcl", "method.meta_every=1"],

@@ -39,7 +39,7 @@ run)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     python3 tools/bench_step.py --matrix --steps 20 --only "dml,afd,amln (full,amln L_C,amln +" 2>&1 | tee "$out/matrix.txt"
-    python3 tools/bench_step.py --phases --precision bf16 --steps 20 --only amln 2>&1 | tee "$out/phases.txt"
+    python3 tools/bench_step.py --phases --precision bf16 --steps 20 --only "amln (full,amln L_C,amln +,amln D and C" 2>&1 | tee "$out/phases.txt"
     # cuDNN's algorithm search: off in cohort (it can pick different algorithms in different
     # processes, so Ray and local runs, and resumed ones, would no longer agree bit for bit)
     for flag in "" --cudnn-benchmark; do
