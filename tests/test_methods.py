@@ -257,6 +257,7 @@ def test_teacher_maps_reach_the_losses_in_the_compute_dtype_and_learn_as_float32
     assert len(state) == len(reference_state) and all(map(torch.equal, state, reference_state))
 
 
+AMLN_FINAL = build_method(load_config(None, ["method.name=amln", "method.block_resolution=final"]).method)
 EQUAL_BLOCK_PAIRS = [
     (a, b)
     for a, b in itertools.product(list_models(), repeat=2)
@@ -274,6 +275,12 @@ def test_alignment_container_reaches_the_teachers_final_shape(size):
             own_side = block.spatial_size(size)
             out = container(torch.zeros(2, block.channels, own_side, own_side))  # no pooling fallback
             assert out.shape == (2, target.channels, side, side), (own_name, teacher_name, block)
+        own = model_block_info(own_name)  # block_resolution final: every block pooled to the final size
+        extras = AMLN_FINAL.build_extras(own, {1: model_block_info(teacher_name)}, 10)
+        final_side = own[-1].spatial_size(size)
+        for block, container in zip(own, extras["align"]["t1"], strict=True):
+            out = container(torch.zeros(2, block.channels, final_side, final_side))  # no pooling fallback
+            assert out.shape == (2, target.channels, side, side), (own_name, teacher_name, block, "final")
 
 
 def test_messages_publish_only_what_the_method_reads():
