@@ -618,8 +618,9 @@ def test_disc_every_must_be_a_positive_count():
 
 def test_amln_final_block_resolution_feeds_d_and_the_containers_pooled_blocks(monkeypatch):
     method = build_method(load_config(None, ["method.name=amln", "method.block_resolution=final"]).method)
-    layout, own, message, targets = fixed_inputs()
+    layout, own, raw, targets = fixed_inputs()
     extras = method.build_extras(layout, {1: layout}, 10)
+    message = method.message(Output(raw.logits, raw.blocks, raw.blocks[-1].mean((2, 3))), extras, 1, 0)
     assert all(c.depthwise.stride == (1, 1) for c in extras["align"]["t1"])  # no striding left to do
     final = own.blocks[-1].shape[-2:]
     seen = {"d": [], "c": [], "pair": []}
@@ -638,10 +639,12 @@ def test_amln_final_block_resolution_feeds_d_and_the_containers_pooled_blocks(mo
     terms = method.losses(own, targets, [message], extras) | method.extras_step(own, [message], extras)
     assert all(torch.isfinite(v) for v in terms.values()) and {"feat", "adv", "disc"} <= set(terms)
     pooled = [torch.nn.functional.adaptive_avg_pool2d(b, final) for b in own.blocks]
-    theirs = [torch.nn.functional.adaptive_avg_pool2d(b, final) for b in message.blocks]
+    theirs = [torch.nn.functional.adaptive_avg_pool2d(b, final) for b in raw.blocks]
+    assert all(torch.equal(got, want) for got, want in zip(message.blocks, theirs))  # the teacher pools once
     assert len(seen["c"]) == len(seen["pair"]) == 3
     assert all(torch.equal(got, want) for got, want in zip(seen["c"], pooled))
     assert all(torch.equal(got, want) for got, want in zip(seen["d"][:3], pooled))  # the peer's side of eq. 1
     assert all(torch.equal(a, p) and torch.equal(b, t) for (a, b), p, t in zip(seen["pair"], pooled, theirs))
     block = build_method(load_config(None, ["method.name=amln", "method.block_resolution=block"]).method)
-    assert block.at_resolution(list(own.blocks)) == list(own.blocks)  # the default sees blocks as they are
+    assert block.at_resolution(list(own.blocks)) == list(own.blocks)  # the printed form: blocks as they are
+    assert all(torch.equal(a, b) for a, b in zip(block.message(own, extras, 0, 0).blocks, own.blocks, strict=True))

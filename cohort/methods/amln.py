@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..models.base import BlockInfo
 from ..sections import KLDirection, RampedSection
 from . import functional as L
-from .base import Method, mean_over_teachers, teacher_key
+from .base import Message, Method, mean_over_teachers, teacher_key
 from .extras import AlignmentContainer, FeatureDiscriminator, gan_adam
 
 
@@ -98,6 +98,13 @@ class AMLN(Method):
                 )
                 containers[teacher_key(index)] = nn.ModuleList(AlignmentContainer(mine, layout[-1]) for mine in sources)
         return nn.ModuleDict({"disc": discriminators, "align": containers})
+
+    def message(self, output, extras, source, step):
+        """The logits and the blocks at the resolution D and the containers read
+        (``at_resolution``): pooled once, by the teacher, rather than by every learner,
+        and a quarter of the bytes for ResNet-20 (the final block, L_F's target, is
+        unchanged)."""
+        return Message(source, step, logits=output.logits, blocks=tuple(self.at_resolution(output.blocks))).detached()
 
     def losses(self, output, targets, teachers, extras):
         cfg = self.config
@@ -163,10 +170,8 @@ class AMLN(Method):
             d_loss = L.log_discriminator_loss if self.config.gan_form == "log" else L.discriminator_loss
             loss = sum(
                 d_loss(*disc.score_pair(own.detach(), theirs))
-                for disc, own, theirs in zip(
-                    discriminators, self.at_resolution(output.blocks), self.at_resolution(message.blocks)
-                )
-            )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks
+                for disc, own, theirs in zip(discriminators, self.at_resolution(output.blocks), message.blocks)
+            )  # L_D, discriminator side of eq. 1 (max over D), summed over blocks (theirs arrive at_resolution)
             per_teacher.append({"disc": loss})
         return mean_over_teachers(per_teacher)
 
@@ -176,7 +181,7 @@ class AMLN(Method):
         found: dict[str, float] = {}
         for message in teachers:
             discriminators = extras["disc"][teacher_key(message.source)]
-            pairs = zip(discriminators, self.at_resolution(output.blocks), self.at_resolution(message.blocks))
+            pairs = zip(discriminators, self.at_resolution(output.blocks), message.blocks)
             for k, (disc, own, theirs) in enumerate(pairs):
                 accuracy = float(L.discriminator_accuracy(*disc.score_pair(own, theirs)))
                 found[f"disc_acc/b{k}"] = found.get(f"disc_acc/b{k}", 0.0) + accuracy / len(teachers)
