@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cohort.config import ConfigError, load_config
+from cohort.methods import functional as L
 from cohort.methods.base import NHWC, Message
 from cohort.peer import Peer, resolve_precision
 
@@ -101,3 +103,21 @@ def test_alignment_containers_compute_in_float32_under_bf16_autocast():
         out = container(feature)
     assert out.dtype == torch.float32 and out.shape == (2, 16, 3, 3)
     torch.testing.assert_close(out, container(feature.float()), rtol=0, atol=0)
+
+
+def test_alignment_distance_keeps_a_channels_last_gradient_and_its_value():
+    """L_F on channels-last maps reads them in memory order: the same value, to the bit,
+    as F.mse_loss on the (N, C, H, W) views, and a channels-last gradient (mse_loss's
+    own is plain contiguous, which the container's conv backward would convert)."""
+    torch.manual_seed(0)
+    aligned = torch.randn(8, 16, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    target = torch.randn(8, 16, 7, 7).to(memory_format=torch.channels_last)
+    distance = L.alignment_distance(aligned, target)
+    (gradient,) = torch.autograd.grad(distance, aligned)
+    reference = F.mse_loss(aligned, target)
+    (reference_gradient,) = torch.autograd.grad(reference, aligned)
+    assert torch.equal(distance, reference) and torch.equal(gradient, reference_gradient)
+    assert gradient.is_contiguous(memory_format=torch.channels_last) and not gradient.is_contiguous()
+    plain = torch.randn(8, 16, 7, 7, requires_grad=True)
+    (plain_gradient,) = torch.autograd.grad(L.alignment_distance(plain, target.contiguous()), plain)
+    assert plain_gradient.is_contiguous()

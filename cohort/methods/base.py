@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..models.base import BlockInfo, Output
 from ..sections import MethodSection, RampedSection
+from .functional import is_channels_last
 
 Blocks = tuple[BlockInfo, ...]
 
@@ -133,7 +134,7 @@ class Message:
 
 def dense(t: Tensor) -> Tensor:
     """``t`` with dense strides, keeping channels-last where it has it."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(t):
         return t
     return t.contiguous()
 
@@ -150,7 +151,7 @@ def _numpy(t: Tensor) -> np.ndarray:
 
 
 def _tensor_to_wire(t: Tensor) -> np.ndarray | NHWC:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(t):
         return NHWC(_numpy(t.permute(0, 2, 3, 1)))
     return _numpy(t)
 

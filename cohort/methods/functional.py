@@ -63,7 +63,24 @@ def alignment_distance(aligned: Tensor, teacher_final: Tensor, normalise: str = 
         a = F.normalize(aligned.flatten(1), dim=1)
         t = F.normalize(teacher_final.flatten(1), dim=1)
         return (a - t).pow(2).sum(1).mean()
+    if is_channels_last(aligned):  # the same elements, read in memory order (see in_memory_order)
+        aligned, teacher_final = in_memory_order(aligned), in_memory_order(teacher_final)
     return F.mse_loss(aligned, teacher_final)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is a 4-D map stored channels-last (and not also plain contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_memory_order(t: Tensor) -> Tensor:
+    """A 4-D map as its (N, H, W, C) view: for a channels-last map, its dimensions in
+    memory order. An elementwise loss on that view has the same value (the same
+    elements, summed in the same order) and hands back its gradient channels-last;
+    ``F.mse_loss`` on the (N, C, H, W) view of a channels-last map returns a plain
+    contiguous gradient, which the convolution behind it then converts, and takes
+    twice as long (0.8 against 1.6 ms for 128x64x7x7 on CPU, docs/benchmarks.md)."""
+    return t.permute(0, 2, 3, 1)
 
 
 def teacher_probability(scores: Tensor) -> Tensor:
