@@ -77,3 +77,37 @@ def test_grad_trace_measures_every_amln_term_per_block_in_either_precision(tmp_p
     for name in ("g_ce", "g_kl", "g_feat", "g_adv", "g_feat_b0", "g_adv_b2", "dacc_b1"):
         assert all(math.isfinite(float(r[name])) for r in rows), name
     assert all(float(r["g_ce"]) > 0 and float(r["g_adv_b0"]) > 0 for r in rows)
+
+
+def bench_extras():
+    spec = importlib.util.spec_from_file_location("bench_extras", REPO / "tools" / "bench_extras.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_extras_rewrites_compute_what_cohort_computes():
+    """tools/bench_extras.py times fused rewrites of L_F and L_D's peer side against
+    cohort's per-block code: each must be the same function (value, gradient into every
+    block, and the containers' running statistics), or its timing compares nothing."""
+    bench = bench_extras()
+    learner, teacher = bench.build(["method.name=amln", "run.precision=fp32", "data.batch_size=8"])
+    blocks, calls = bench.variants(learner, teacher)
+    norms = [m for m in learner.extras.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(blocks) == 3 and len(norms) == 3
+    initial = [{k: v.clone() for k, v in n.state_dict().items()} for n in norms]
+    for fused, plain in bench.PAIRS.items():
+        results = []
+        for name in (plain, fused):
+            for norm, state in zip(norms, initial):
+                norm.load_state_dict(state)
+            value = calls[name]()
+            gradients = torch.autograd.grad(value, blocks)
+            results.append((float(value), gradients, [n.state_dict() for n in norms]))
+        (a, grads_a, stats_a), (b, grads_b, stats_b) = results
+        assert b == pytest.approx(a, rel=1e-5), fused
+        assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(grads_a, grads_b)), fused
+        for x, y in zip(stats_a, stats_b):
+            assert all(torch.allclose(x[k], y[k]) for k in x), fused
+        if fused.startswith("L_F"):  # the containers' statistics moved, in both alike
+            assert all(not torch.equal(x["running_mean"], s["running_mean"]) for x, s in zip(stats_a, initial))

@@ -8,7 +8,7 @@
 #                                # ~2 MB tree that is near the device tool's 64 MiB: carry nothing else)
 #   device run: command "bash tools/gpu_check.sh run", carry [".whl"], timeout_s 420
 #
-# "run" writes matrix.txt, phases.txt and cudnn.txt under $OUT (what the device tool brings back)
+# "run" writes matrix.txt, phases.txt, cudnn.txt and extras.txt under $OUT (what the device tool brings back)
 # and prints them. It takes about 4-6 minutes of the 15 a session has; record the
 # tables in docs/benchmarks.md with this command.
 set -euo pipefail
@@ -46,6 +46,9 @@ run)
         echo "bench_step bf16 ${flag:-(cudnn.benchmark off)}"
         python3 tools/bench_step.py --precision bf16 --steps 20 --only "amln (full" $flag
     done 2>&1 | tee "$out/cudnn.txt"
+    # L_F and L_D's peer side per block against their fused rewrites (on a GPU, where small
+    # convs are launch-bound, fusing the three blocks' passes may pay; on our CPU it did not)
+    python3 tools/bench_extras.py --steps 30 --no-compile 2>&1 | tee "$out/extras.txt"
     ;;
 *)
     echo "usage: tools/gpu_check.sh fetch | run   (fetch here; run on the device machine)" >&2
