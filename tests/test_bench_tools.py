@@ -16,11 +16,16 @@ from helpers import REPO
 CRITIC_PHASES = ("critic losses", "critic backward", "critic step")
 
 
-def bench_step():
-    spec = importlib.util.spec_from_file_location("bench_step", REPO / "tools" / "bench_step.py")
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bench_step():
+    return load_tool("bench_step")
 
 
 @pytest.mark.parametrize("method", ["vanilla", "amln"])
@@ -61,9 +66,7 @@ def test_typical_step_is_the_median_window_mean_so_a_sparse_critic_update_is_ave
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_grad_trace_measures_every_amln_term_per_block_in_either_precision(tmp_path, precision):
-    spec = importlib.util.spec_from_file_location("grad_trace", REPO / "tools" / "grad_trace.py")
-    trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace)
+    trace = load_tool("grad_trace")
     out = tmp_path / "trace.csv"
     small = ["data.name=synthetic", "data.train_subset=null", "data.synthetic.train_size=32"]
     small += ["data.synthetic.test_size=16", "data.batch_size=16", "method.name=amln", f"run.precision={precision}"]
@@ -79,21 +82,16 @@ def test_grad_trace_measures_every_amln_term_per_block_in_either_precision(tmp_p
     assert all(float(r["g_ce"]) > 0 and float(r["g_adv_b0"]) > 0 for r in rows)
 
 
-def bench_extras():
-    spec = importlib.util.spec_from_file_location("bench_extras", REPO / "tools" / "bench_extras.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_extras_rewrites_compute_what_cohort_computes():
     """tools/bench_extras.py times fused rewrites of L_F and L_D's peer side against
-    cohort's per-block code: each must be the same function (value, gradient into every
-    block, and the containers' running statistics), or its timing compares nothing."""
-    bench = bench_extras()
+    cohort's per-block code: each must be the same function (value, gradients into every
+    block and every container parameter, and the containers' running statistics), or
+    its timing compares nothing."""
+    bench = load_tool("bench_extras")
     learner, teacher = bench.build(["method.name=amln", "run.precision=fp32", "data.batch_size=8"])
     blocks, calls = bench.variants(learner, teacher)
     norms = [m for m in learner.extras.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    containers = list(learner.extras["align"].parameters())
     assert len(blocks) == 3 and len(norms) == 3
     initial = [{k: v.clone() for k, v in n.state_dict().items()} for n in norms]
     for fused, plain in bench.PAIRS.items():
@@ -102,8 +100,10 @@ def test_bench_extras_rewrites_compute_what_cohort_computes():
             for norm, state in zip(norms, initial):
                 norm.load_state_dict(state)
             value = calls[name]()
-            gradients = torch.autograd.grad(value, blocks)
-            results.append((float(value), gradients, [n.state_dict() for n in norms]))
+            inputs = [*blocks, *containers] if fused.startswith("L_F") else blocks
+            gradients = torch.autograd.grad(value, inputs)
+            stats = [{k: v.clone() for k, v in n.state_dict().items()} for n in norms]
+            results.append((float(value), gradients, stats))
         (a, grads_a, stats_a), (b, grads_b, stats_b) = results
         assert b == pytest.approx(a, rel=1e-5), fused
         assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(grads_a, grads_b)), fused

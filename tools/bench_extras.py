@@ -68,10 +68,14 @@ def fused_alignment(containers: Sequence[AlignmentContainer], blocks: Sequence[T
     the pointwise convs per block; the running statistics are written back."""
     widths = [b.shape[1] for b in blocks]
     norms = [c.norm for c in containers]
+    first = containers[0].depthwise
+    if any((c.depthwise.stride, c.depthwise.padding) != (first.stride, first.padding) for c in containers):
+        raise ValueError("fused_alignment needs every container's depthwise conv alike (block_resolution final)")
+    if any((n.momentum, n.eps, n.training) != (norms[0].momentum, norms[0].eps, True) for n in norms):
+        raise ValueError("fused_alignment needs the containers' BatchNorms alike and in training mode")
     with torch.autocast(blocks[0].device.type, enabled=False):
         x = torch.cat(list(blocks), dim=1).float()
         weight = torch.cat([c.depthwise.weight for c in containers])
-        first = containers[0].depthwise
         x = F.conv2d(x, weight, None, first.stride, first.padding, groups=x.shape[1])
         mean, var = torch.cat([n.running_mean for n in norms]), torch.cat([n.running_var for n in norms])
         x = F.batch_norm(

@@ -9,7 +9,7 @@
 #   device run: command "bash tools/gpu_check.sh run", carry [".whl"], timeout_s 420
 #
 # "run" writes matrix.txt, phases.txt, cudnn.txt and extras.txt under $OUT (what the device tool brings back)
-# and prints them. It takes about 4-6 minutes of the 15 a session has; record the
+# and prints them. It takes about 5-7 minutes of the 15 a session has; record the
 # tables in docs/benchmarks.md with this command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,7 @@ run)
         python3 tools/bench_step.py --precision bf16 --steps 20 --only "amln (full" $flag
     done 2>&1 | tee "$out/cudnn.txt"
     # L_F and L_D's peer side per block against their fused rewrites (on a GPU, where small
-    # convs are launch-bound, fusing the three blocks' passes may pay; on our CPU it did not)
+    # convs are launch-bound, fusing the three blocks' passes may pay; on our CPU fusing D saved ~0.5% of a step)
     python3 tools/bench_extras.py --steps 30 --no-compile 2>&1 | tee "$out/extras.txt"
     ;;
 *)

@@ -75,11 +75,13 @@ def is_channels_last(t: Tensor) -> bool:
 
 def in_memory_order(t: Tensor) -> Tensor:
     """A 4-D map as its (N, H, W, C) view: for a channels-last map, its dimensions in
-    memory order. An elementwise loss on that view has the same value (the same
-    elements, summed in the same order) and hands back its gradient channels-last;
-    ``F.mse_loss`` on the (N, C, H, W) view of a channels-last map returns a plain
-    contiguous gradient, which the convolution behind it then converts, and takes
-    twice as long (0.8 against 1.6 ms for 128x64x7x7 on CPU, docs/benchmarks.md)."""
+    memory order. An elementwise loss on that view sees the same elements and hands
+    back its gradient channels-last; ``F.mse_loss`` on the (N, C, H, W) view of a
+    channels-last map returns a plain contiguous gradient, which the convolution behind
+    it then converts, and takes twice as long (1.6 against 0.8 ms for 128x64x7x7 on
+    CPU, docs/benchmarks.md). The value and gradient came out the same to the bit on
+    CPU (tested); PyTorch does not promise its reductions' order, so elsewhere (CUDA)
+    they may differ at rounding."""
     return t.permute(0, 2, 3, 1)
 
 
