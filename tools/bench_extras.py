@@ -84,7 +84,9 @@ def fused_alignment(containers: Sequence[AlignmentContainer], blocks: Sequence[T
         )  # fmt: skip
         with torch.no_grad():
             for norm, m, v in zip(norms, mean.split(widths), var.split(widths), strict=True):
-                norm.running_mean.copy_(m), norm.running_var.copy_(v), norm.num_batches_tracked.add_(1)
+                norm.running_mean.copy_(m)
+                norm.running_var.copy_(v)
+                norm.num_batches_tracked.add_(1)
         return [c.pointwise(part) for c, part in zip(containers, x.split(widths, dim=1), strict=True)]
 
 

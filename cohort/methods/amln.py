@@ -118,7 +118,7 @@ class AMLN(Method):
                     output.logits, message.logits, cfg.temperature, cfg.kl_direction
                 )
             if cfg.feature:
-                final = message.blocks[-1]
+                final = message.blocks[-1].float()  # L_F's target for every block: cast once, not per block
                 distance = self.over_blocks(
                     [
                         L.alignment_distance(container(feature, final.shape[-2:]), final, cfg.feature_norm)
